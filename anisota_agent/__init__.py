@@ -1,1 +1,42 @@
-"""anisota-agent."""
+"""anisota-agent: client-side session telemetry for AT Protocol games.
+
+Embed it in a game::
+
+    from anisota_agent import Agent
+
+    agent = Agent(client_version="1.4.2").start()
+    agent.start_session(entry_point="direct", authentication_method="oauth")
+    agent.page("/garden")
+    agent.close()
+
+Importing this package is cheap: the store, HTTP client and lexicon validator
+are imported by the agent's worker thread when it needs them.
+"""
+
+from .agent import Agent, AgentStatus
+from .clock import Clock, SystemClock
+from .lexicon import RecordValidationError, validate_record
+from .records import (
+    AUTHENTICATION_METHODS,
+    ENTRY_POINTS,
+    GAME_ACTIONS,
+    HOST_END_REASONS,
+    PLATFORMS,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AUTHENTICATION_METHODS",
+    "ENTRY_POINTS",
+    "GAME_ACTIONS",
+    "HOST_END_REASONS",
+    "PLATFORMS",
+    "Agent",
+    "AgentStatus",
+    "Clock",
+    "RecordValidationError",
+    "SystemClock",
+    "__version__",
+    "validate_record",
+]

@@ -1,0 +1,476 @@
+"""The agent facade: what a game calls.
+
+Every host-facing call validates its arguments, updates the in-memory session
+under one lock and returns: no I/O, no heavy import, no thread wake-up on the
+hot path. The :class:`~anisota_agent.worker.Worker` picks the changes up.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+from collections import Counter
+from types import TracebackType
+from typing import NamedTuple
+
+from .clock import Clock, SystemClock, TidGenerator
+from .records import (
+    AUTHENTICATION_METHODS,
+    ENTRY_POINTS,
+    GAME_ACTIONS,
+    HOST_END_REASONS,
+    MAX_CLIENT_VERSION_LEN,
+    MAX_COUNT_PER_CALL,
+    MAX_FEATURE_LEN,
+    MAX_FEATURES,
+    MAX_LEVEL,
+    MAX_LINKED_URIS,
+    MAX_PAGES,
+    MAX_REFERRER_LEN,
+    MAX_RESPONSE_MS,
+    MAX_ROUTE_LEN,
+    MAX_URI_LEN,
+    MAX_XP,
+    PLATFORMS,
+    SessionContext,
+    SessionState,
+    check_at_uri,
+    check_choice,
+    check_int,
+    check_text,
+    clean_referrer,
+)
+from .worker import LIVE_OWNER_TOKENS, Work, Worker
+
+logger = logging.getLogger("anisota_agent")
+
+DEFAULT_CHECKPOINT_INTERVAL = 5.0
+DEFAULT_MAX_SESSION_AGE = 24 * 3600.0
+DEFAULT_CLOSE_TIMEOUT = 2.0
+
+
+class AgentStatus(NamedTuple):
+    """A snapshot of what the agent is doing and what it has lost."""
+
+    enabled: bool
+    running: bool
+    store_path: str | None
+    store_mode: str
+    session: str | None
+    outbox: dict[str, int]
+    dropped: dict[str, int]
+    last_error: str | None
+    recovered: int
+    counters: dict[str, int]
+
+
+def tracking_disabled_by_env() -> bool:
+    """True when the environment asks not to be tracked (``DO_NOT_TRACK=1``)."""
+    return os.environ.get("DO_NOT_TRACK", "").strip().lower() in ("1", "true", "yes")
+
+
+class Agent:
+    """Records the game's play sessions and keeps them safe on disk.
+
+    Typical use::
+
+        agent = Agent(client_version="1.4.2").start()
+        agent.start_session(entry_point="direct", authentication_method="oauth")
+        agent.page("/garden")
+        agent.action("specimensCollected")
+        agent.close()
+
+    Args:
+        client_version: the game's version, stored in every record.
+        platform: one of ``web``, ``mobile``, ``desktop`` (default), ``pwa``.
+        data_dir: where the SQLite store lives; default: the platform's user data
+            dir (``ANISOTA_AGENT_DATA_DIR`` overrides it).
+        in_memory: keep the store in memory only (nothing survives the process).
+        enabled: ``False`` records nothing (as does ``DO_NOT_TRACK=1``).
+        checkpoint_interval: seconds between checkpoints of the live session.
+        max_session_age: seconds after which a session left active is expired.
+        clock: the wall and monotonic clock (tests inject one).
+    """
+
+    def __init__(
+        self,
+        client_version: str,
+        *,
+        platform: str = "desktop",
+        data_dir: str | os.PathLike[str] | None = None,
+        in_memory: bool = False,
+        enabled: bool = True,
+        checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL,
+        max_session_age: float = DEFAULT_MAX_SESSION_AGE,
+        clock: Clock | None = None,
+    ) -> None:
+        self.client_version = check_text("client_version", client_version, MAX_CLIENT_VERSION_LEN)
+        self.platform = check_choice("platform", platform, PLATFORMS)
+        if not isinstance(checkpoint_interval, (int, float)) or not checkpoint_interval > 0:
+            raise ValueError(f"checkpoint_interval must be > 0 s; got {checkpoint_interval!r}")
+        if not isinstance(max_session_age, (int, float)) or not max_session_age >= 60:
+            raise ValueError(f"max_session_age must be >= 60 seconds; got {max_session_age!r}")
+        self.enabled = enabled and not tracking_disabled_by_env()
+        self._data_dir = None if in_memory or data_dir is None else os.fspath(data_dir)
+        self._in_memory = in_memory
+        self._checkpoint_interval = float(checkpoint_interval)
+        self._max_session_age_ms = int(max_session_age * 1000)
+        self._clock = clock or SystemClock()
+        self._mono = self._clock.monotonic_ns
+        self._tids = TidGenerator(clock=self._clock)
+        self._lock = threading.Lock()
+        self._session: SessionState | None = None
+        self._finished: list[SessionState] = []
+        self._dirty = False
+        self._dropped: Counter[str] = Counter()
+        self._dropped_total: Counter[str] = Counter()
+        self._waiters: list[threading.Event] = []
+        self._stopping = False  # close() was called: no restart
+        self._purge = False
+        self._did: str | None = None
+        self._owner_token = os.urandom(16).hex()
+        self._worker: Worker | None = None
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> Agent:
+        """Start the background worker (opens the store, recovers crashed sessions).
+
+        Returns the agent, so ``agent = Agent(...).start()`` reads well. Calling it
+        again, or after :meth:`close`, is a no-op. A disabled agent starts no thread.
+        """
+        with self._lock:
+            if self._worker is not None or self._stopping or not self.enabled:
+                return self
+            LIVE_OWNER_TOKENS.add(self._owner_token)
+            self._worker = Worker(
+                collect=self._collect,
+                data_dir=self._data_dir,
+                in_memory=self._in_memory,
+                owner_token=self._owner_token,
+                wall_ms=lambda: self._clock.wall_ns() // 1_000_000,
+                interval=lambda: self._checkpoint_interval,
+                max_session_age_ms=self._max_session_age_ms,
+            )
+            self._worker.start()
+            atexit.register(self.close)
+        return self
+
+    def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> bool:
+        """End the session as ``app_close``, checkpoint it, and stop the worker.
+
+        Returns within about ``timeout`` seconds whatever the disk does; True if
+        everything was written in time. Safe to call twice.
+        """
+        self.end_session("app_close")
+        with self._lock:
+            worker = self._worker
+            if worker is None or self._stopping:
+                self._stopping = True
+                return worker is None or worker.join(0)
+            self._stopping = True
+        atexit.unregister(self.close)
+        worker.wake.set()
+        done = worker.join(timeout)
+        LIVE_OWNER_TOKENS.discard(self._owner_token)
+        if not done:
+            logger.warning("agent worker did not finish within %.1f s", timeout)
+        return done
+
+    def __enter__(self) -> Agent:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def checkpoint(self, timeout: float = 5.0) -> bool:
+        """Ask the worker to write everything now and wait for it (blocks the caller).
+
+        For tests, tools and moments where the game can afford to wait; the
+        recording calls never need it. True if the write finished in time.
+        """
+        done = threading.Event()
+        with self._lock:
+            worker = self._worker
+            if worker is None or self._stopping:
+                return False
+            self._waiters.append(done)
+        worker.wake.set()
+        return done.wait(timeout)
+
+    def purge(self) -> None:
+        """Delete every session and counter in the store (the player's data)."""
+        with self._lock:
+            self._purge = True
+            self._finished.clear()
+            self._session = None
+        self._wake()
+
+    # -- sessions ----------------------------------------------------------------
+
+    def start_session(
+        self,
+        *,
+        entry_point: str | None = None,
+        authentication_method: str | None = None,
+        is_new_user: bool | None = None,
+        referrer: str | None = None,
+        keep_referrer_query: bool = False,
+    ) -> str | None:
+        """Start a new session and return its record key (a TID).
+
+        A session already running is ended first as ``user_initiated``. Returns
+        None when tracking is disabled.
+        """
+        context = SessionContext(
+            entry_point=None
+            if entry_point is None
+            else check_choice("entry_point", entry_point, ENTRY_POINTS),
+            authentication_method=None
+            if authentication_method is None
+            else check_choice(
+                "authentication_method", authentication_method, AUTHENTICATION_METHODS
+            ),
+            is_new_user=_check_optional_bool("is_new_user", is_new_user),
+            referrer=None
+            if referrer is None
+            else clean_referrer(
+                check_text("referrer", referrer, MAX_REFERRER_LEN), keep_referrer_query
+            ),
+        )
+        if not self.enabled:
+            return None
+        with self._lock:
+            if self._session is not None:
+                logger.warning("start_session while %s is active: ending it", self._session.rkey)
+                self._end_locked("ended", "user_initiated")
+            mono = self._mono()
+            self._session = SessionState(
+                rkey=self._tids.next(),
+                client_version=self.client_version,
+                platform=self.platform,
+                context=context,
+                started_wall_ms=self._clock.wall_ns() // 1_000_000,
+                started_mono_ns=mono,
+                did=self._did,
+            )
+            self._dirty = True
+            rkey = self._session.rkey
+        self._wake()
+        return rkey
+
+    def end_session(self, reason: str = "user_initiated") -> str | None:
+        """End the current session with the host's reason.
+
+        ``reason``: ``logout``, ``user_initiated``, ``app_close`` or
+        ``device_switch``. Returns the ended session's record key, or None when no
+        session was running (ending twice is harmless).
+        """
+        check_choice("reason", reason, HOST_END_REASONS)
+        return self._end("ended", reason)
+
+    def invalidate(self) -> str | None:
+        """End the current session as ``invalidated``/``forced_end``.
+
+        For an account switch, revoked auth or detected tampering. Returns the
+        session's record key, or None when no session was running.
+        """
+        return self._end("invalidated", "forced_end")
+
+    def _end(self, status: str, reason: str) -> str | None:
+        with self._lock:
+            rkey = self._end_locked(status, reason)
+        if rkey is not None:
+            self._wake()
+        return rkey
+
+    def _end_locked(self, status: str, reason: str) -> str | None:
+        session = self._session
+        if session is None:
+            return None
+        session.finish(status, reason, self._mono())
+        self._finished.append(session)
+        self._session = None
+        self._dirty = False
+        return session.rkey
+
+    # -- activity (the hot path) -----------------------------------------------------
+
+    def touch(self) -> None:
+        """The player is here: counts as activity without recording anything else."""
+        with self._lock:
+            self._active()
+
+    def page(self, route: str) -> None:
+        """Record a visit to a page or route (unique routes, in first-visit order)."""
+        if type(route) is not str or not 0 < len(route) <= MAX_ROUTE_LEN:
+            check_text("route", route, MAX_ROUTE_LEN)
+        with self._lock:
+            session = self._active()
+            if session is not None and route not in session.pages:
+                self._add_unique(session.pages, route, MAX_PAGES, "pages_over_cap")
+
+    def feature(self, name: str) -> None:
+        """Record the use of a named feature (unique names, first-use order)."""
+        if type(name) is not str or not 0 < len(name) <= MAX_FEATURE_LEN:
+            check_text("feature", name, MAX_FEATURE_LEN)
+        with self._lock:
+            session = self._active()
+            if session is not None and name not in session.features:
+                self._add_unique(session.features, name, MAX_FEATURES, "features_over_cap")
+
+    def action(self, kind: str, count: int = 1) -> None:
+        """Count a game action: one of the lexicon's ``gameActions`` names.
+
+        ``kind``: ``levelUps``, ``feedsLoaded``, ``postsViewed``,
+        ``itemsCollected``, ``specimensCollected`` or ``dailyRewardsClaimed``;
+        ``count``: 1 to 1,000,000.
+        """
+        if kind not in GAME_ACTIONS or type(kind) is not str:
+            check_choice("kind", kind, GAME_ACTIONS)
+        if type(count) is not int or not 1 <= count <= MAX_COUNT_PER_CALL:
+            check_int("count", count, 1, MAX_COUNT_PER_CALL)
+        with self._lock:
+            session = self._active()
+            if session is not None:
+                session.actions[kind] = session.actions.get(kind, 0) + count
+
+    def progress(self, xp: int, level: int | None = None) -> None:
+        """Report the player's total XP (and level); the first report is the baseline."""
+        if type(xp) is not int or not 0 <= xp <= MAX_XP:
+            check_int("xp", xp, 0, MAX_XP)
+        if level is not None and (type(level) is not int or not 1 <= level <= MAX_LEVEL):
+            check_int("level", level, 1, MAX_LEVEL)
+        with self._lock:
+            session = self._active()
+            if session is not None:
+                if session.first_xp is None:
+                    session.first_xp = xp
+                session.current_xp = xp
+                if level is not None:
+                    session.current_level = level
+
+    def response(self, ms: float, ok: bool = True) -> None:
+        """Record one measured API response: its time in ms and whether it succeeded."""
+        if type(ms) not in (int, float) or not 0 <= ms <= MAX_RESPONSE_MS:
+            _reject_number("ms", ms, 0, MAX_RESPONSE_MS)
+        if type(ok) is not bool:
+            raise TypeError(f"ok must be a bool; got {type(ok).__name__}")
+        with self._lock:
+            session = self._active()
+            if session is not None:
+                session.response_count += 1
+                session.response_total_ms += ms
+                if not ok:
+                    session.error_count += 1
+
+    def link_log(self, uri: str) -> None:
+        """Link a ``net.anisota.beta.game.log`` record (its at-uri) to the session."""
+        if not _is_at_uri(uri):
+            check_at_uri("uri", uri)
+        with self._lock:
+            session = self._active()
+            if session is not None and uri not in session.log_uris:
+                self._add_unique(session.log_uris, uri, MAX_LINKED_URIS, "log_uris_over_cap")
+
+    def link_progress(self, uri: str) -> None:
+        """Link a ``net.anisota.beta.game.progress`` record (its at-uri) to the session."""
+        if not _is_at_uri(uri):
+            check_at_uri("uri", uri)
+        with self._lock:
+            session = self._active()
+            if session is not None and uri not in session.progress_uris:
+                self._add_unique(
+                    session.progress_uris, uri, MAX_LINKED_URIS, "progress_uris_over_cap"
+                )
+
+    def _active(self) -> SessionState | None:
+        """The live session, with this call counted as activity (lock held)."""
+        session = self._session
+        if session is None:
+            if self.enabled:
+                self._dropped["calls_without_session"] += 1
+            return None
+        session.total_events += 1
+        session.last_activity_mono_ns = self._mono()
+        self._dirty = True
+        return session
+
+    def _add_unique(self, items: dict[str, None], item: str, cap: int, overflow: str) -> None:
+        """Add a new item to a capped list, or count it as dropped (lock held)."""
+        if len(items) < cap:
+            items[item] = None
+        else:
+            self._dropped[overflow] += 1
+
+    # -- the worker's side -------------------------------------------------------------
+
+    def _wake(self) -> None:
+        worker = self._worker
+        if worker is not None:
+            worker.wake.set()
+
+    def _collect(self) -> Work:
+        """Hand the worker what changed since its last round (called by the worker)."""
+        with self._lock:
+            session = self._session
+            work = Work(
+                live=session.copy() if session is not None and self._dirty else None,
+                finished=self._finished,
+                dropped=dict(self._dropped),
+                waiters=self._waiters,
+                now_mono_ns=self._mono(),
+                stopping=self._stopping,
+                purge=self._purge,
+            )
+            self._dropped_total.update(self._dropped)
+            self._dropped.clear()
+            self._finished = []
+            self._waiters = []
+            self._dirty = False
+            self._purge = False
+        return work
+
+    def status(self) -> AgentStatus:
+        """What the agent is doing and what it dropped; reads no file."""
+        worker = self._worker
+        worker_status = worker.snapshot_status() if worker is not None else None
+        with self._lock:
+            dropped = dict(self._dropped_total + self._dropped)
+            session = self._session.rkey if self._session is not None else None
+        return AgentStatus(
+            enabled=self.enabled,
+            running=worker is not None and not self._stopping,
+            store_path=worker_status.store_path if worker_status else None,
+            store_mode=worker_status.store_mode if worker_status else "stopped",
+            session=session,
+            outbox=worker_status.outbox if worker_status else {},
+            dropped=dropped,
+            last_error=worker_status.last_error if worker_status else None,
+            recovered=worker_status.recovered if worker_status else 0,
+            counters=worker_status.counters if worker_status else {},
+        )
+
+
+def _is_at_uri(uri: object) -> bool:
+    """The hot path's quick check; :func:`check_at_uri` explains a failure."""
+    return type(uri) is str and 6 <= len(uri) <= MAX_URI_LEN and uri.startswith("at://")
+
+
+def _check_optional_bool(name: str, value: object) -> bool | None:
+    if value is None or type(value) is bool:
+        return value
+    raise TypeError(f"{name} must be a bool or None; got {type(value).__name__}")
+
+
+def _reject_number(name: str, value: object, minimum: float, maximum: float) -> None:
+    if type(value) not in (int, float):
+        raise TypeError(f"{name} must be an int or float; got {type(value).__name__}")
+    raise ValueError(f"{name} must be between {minimum} and {maximum}; got {value!r}")

@@ -1,0 +1,243 @@
+"""``anisota-agent``: inspect what the agent recorded, and play a demo session."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from .store import Store
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A user mistake or an unmet condition: printed to stderr, no traceback."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.run(args)
+    except CliError as error:
+        print(f"anisota-agent: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="anisota-agent",
+        description="Inspect the sessions the anisota agent recorded; play a demo session.",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        help="the agent's data directory (default: the platform's user data dir, "
+        "or ANISOTA_AGENT_DATA_DIR)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, run: Callable[[argparse.Namespace], int], text: str) -> Any:
+        sub = commands.add_parser(name, help=text, description=text)
+        sub.set_defaults(run=run)
+        return sub
+
+    command("status", _status, "store path, queue by state, losses")
+    sessions = command("sessions", _sessions, "list recorded sessions, newest first")
+    sessions.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    sessions.add_argument("--state", choices=("live", "pending", "synced", "quarantined"))
+    sessions.add_argument("--limit", type=int, default=50)
+    show = command("show", _show, "print one session's record as JSON")
+    show.add_argument("rkey")
+    export = command("export", _export, "every session as JSON lines (record and outbox state)")
+    export.add_argument("--output", "-o", type=Path, help="file to write (default: stdout)")
+    validate = command("validate", _validate, "validate a record file (JSON, or JSON lines)")
+    validate.add_argument("file", type=Path)
+    purge = command("purge", _purge, "delete every recorded session and counter")
+    purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    demo = command("demo", _demo, "play a short simulated game session end to end")
+    demo.add_argument("--seconds", type=float, default=2.0, help="how long to play (default 2)")
+    return parser
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    if args.data_dir is not None:
+        return Path(args.data_dir)
+    from .store import default_data_dir
+
+    return default_data_dir()
+
+
+def _open_store(args: argparse.Namespace) -> Store:
+    from .store import DB_FILENAME, Store
+
+    path = _data_dir(args) / DB_FILENAME
+    if not path.exists():
+        raise CliError(f"no store at {path} (nothing recorded yet; try `anisota-agent demo`)")
+    return Store.open(path)
+
+
+def _status(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    try:
+        _print_store_status(store, sys.stdout)
+    finally:
+        store.close()
+    return EXIT_OK
+
+
+def _print_store_status(store: Store, out: TextIO) -> None:
+    out.write(f"store:    {store.path}\n")
+    counts = store.outbox_counts()
+    out.write("sessions: " + ", ".join(f"{name} {count}" for name, count in counts.items()) + "\n")
+    losses = store.counters()
+    lost = ", ".join(f"{name} {value}" for name, value in sorted(losses.items())) or "none"
+    out.write(f"dropped:  {lost}\n")
+
+
+def _sessions(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    try:
+        rows = store.sessions(outbox=args.state, limit=args.limit)
+    finally:
+        store.close()
+    if args.json:
+        for row in rows:
+            print(json.dumps(_summary(row.record) | {"rkey": row.rkey, "outbox": row.outbox}))
+        return EXIT_OK
+    header = f"{'RKEY':13}  {'STATUS':11}  {'OUTBOX':11}  {'STARTED':24}  {'DURATION':>9}  EVENTS"
+    print(header)
+    for row in rows:
+        summary = _summary(row.record)
+        duration = "" if summary["duration"] is None else f"{summary['duration'] / 1000:.1f}s"
+        print(
+            f"{row.rkey:13}  {summary['status']:11}  {row.outbox:11}  "
+            f"{summary['startedAt']:24}  {duration:>9}  {summary['totalEvents']}"
+        )
+    return EXIT_OK
+
+
+def _summary(record: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "status": record.get("status"),
+        "startedAt": record.get("startedAt"),
+        "duration": record.get("duration"),
+        "endReason": record.get("endReason"),
+        "totalEvents": record.get("activitySummary", {}).get("totalEvents", 0),
+    }
+
+
+def _show(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    try:
+        row = store.get(args.rkey)
+    finally:
+        store.close()
+    if row is None:
+        raise CliError(f"no session with record key {args.rkey!r}")
+    print(json.dumps(row.record, indent=2))
+    return EXIT_OK
+
+
+def _export(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    out = args.output.open("w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        for row in store.iter_sessions():
+            line = {
+                "rkey": row.rkey,
+                "did": row.did,
+                "outbox": row.outbox,
+                "uri": row.uri,
+                "cid": row.cid,
+                "lastError": row.last_error,
+                "record": row.record,
+            }
+            out.write(json.dumps(line) + "\n")
+    finally:
+        store.close()
+        if args.output:
+            out.close()
+    return EXIT_OK
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from .lexicon import RecordValidationError, validate_record
+
+    try:
+        text = args.file.read_text(encoding="utf-8")
+    except OSError as error:
+        raise CliError(f"cannot read {args.file}: {error.strerror}") from error
+    records = _parse_records(text, args.file)
+    failures = 0
+    for number, record in enumerate(records, start=1):
+        try:
+            validate_record(record)
+        except RecordValidationError as error:
+            failures += 1
+            print(f"{args.file}: record {number}: invalid: {error}", file=sys.stderr)
+    print(f"{len(records) - failures} valid, {failures} invalid")
+    return EXIT_FAILURE if failures else EXIT_OK
+
+
+def _parse_records(text: str, path: Path) -> list[Any]:
+    """A JSON record, a JSON array of records, or JSON lines (export's ``record`` kept)."""
+    try:
+        parsed = json.loads(text)
+        records = parsed if isinstance(parsed, list) else [parsed]
+    except json.JSONDecodeError:
+        try:
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as error:
+            raise CliError(f"{path} is neither JSON nor JSON lines: {error}") from error
+    return [r["record"] if isinstance(r, dict) and "record" in r else r for r in records]
+
+
+def _purge(args: argparse.Namespace) -> int:
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise CliError("purge deletes every recorded session: pass --yes to confirm")
+        answer = input("Delete every recorded session? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing deleted")
+            return EXIT_OK
+    store = _open_store(args)
+    try:
+        removed = store.purge()
+    finally:
+        store.close()
+    print(f"purged {removed} session(s)")
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import play_demo
+
+    if not 0 <= args.seconds <= 600:
+        raise CliError("--seconds must be between 0 and 600")
+    rkey, status = play_demo(_data_dir(args), args.seconds)
+    store = _open_store(args)
+    try:
+        row = store.get(rkey)
+        if row is None:
+            raise CliError(f"the demo session {rkey} was not stored (store: {status.store_mode})")
+        print(json.dumps(row.record, indent=2))
+        _print_store_status(store, sys.stdout)
+    finally:
+        store.close()
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,389 @@
+"""The sync engine: pending sessions → the player's PDS, exactly once, within budget.
+
+Runs on the agent's worker thread (or in ``anisota-agent flush``). Strategy:
+
+* **Fresh sessions** go in ``applyWrites`` batches of ``#create`` (up to 200 a
+  request, 3 points each): 1,000 sessions take a handful of requests.
+* Before a batch leaves, its sessions are marked *in flight* in the store. A
+  timeout, a 5xx, a dropped connection or a crash leaves them marked, and the
+  next round **looks before it writes**: what the PDS already holds with the
+  same value is marked synced; what is missing is created again; what differs
+  (an older mirrored version) is replaced with an idempotent ``putRecord``.
+  So a retry can never make a second record, and a re-create's 500 can never
+  wedge the queue.
+* A record the PDS refuses (400) is isolated with single ``putRecord`` calls
+  and quarantined with its error; the rest of its batch still syncs.
+* The write budget is read from the ``ratelimit-*`` headers: a batch never
+  spends the last ``reserve_points`` of the window, and a 429 waits for
+  ``retry-after`` / ``ratelimit-reset``. Until the budget is known, the first
+  batch is small.
+* Network errors, timeouts and 5xx back off exponentially with jitter; revoked
+  credentials or an unavailable account stop syncing until new credentials
+  arrive, without retrying.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .auth import Credentials
+from .lexicon import SESSION_NSID
+from .store import Store, StoredSession
+from .xrpc import (
+    AccountUnavailable,
+    ExpiredToken,
+    Forbidden,
+    InvalidRequest,
+    InvalidToken,
+    PayloadTooLarge,
+    RateLimit,
+    RateLimited,
+    RecordNotFound,
+    XrpcClient,
+    XrpcError,
+)
+
+logger = logging.getLogger("anisota_agent")
+
+MAX_BATCH = 200  # applyWrites refuses more
+FIRST_BATCH = 10  # until the budget is known
+CREATE_POINTS = 3
+PUT_POINTS = 2
+DEFAULT_RESERVE_POINTS = 1000  # 20% of the PDS's default 5,000 points an hour
+BACKOFF_BASE = 2.0
+BACKOFF_MAX = 600.0
+GET_RECORD_LOOKUPS = 5  # above this many uncertain sessions, page listRecords instead
+MAX_LIST_PAGES = 50
+
+
+@dataclass
+class SyncStatus:
+    """What the engine knows; shown by ``status`` and saved for the CLI."""
+
+    auth_problem: str | None = None
+    last_sync_at: float | None = None
+    last_error: str | None = None
+    next_attempt_at: float | None = None
+    synced: int = 0
+    quarantined: int = 0
+    requests: int = 0
+    points_spent: int = 0
+    budget: RateLimit | None = None
+
+
+@dataclass
+class _Plan:
+    """What one round will write, after looking at what the PDS holds."""
+
+    creates: list[StoredSession] = field(default_factory=list)
+    puts: list[StoredSession] = field(default_factory=list)
+
+
+class SyncStopped(Exception):
+    """The round cannot go on (auth, budget, backoff); the status says why."""
+
+
+class SyncEngine:
+    """Writes one account's pending sessions to its PDS."""
+
+    def __init__(
+        self,
+        store: Store,
+        client: XrpcClient,
+        credentials: Credentials,
+        *,
+        now: Callable[[], float],
+        reserve_points: int = DEFAULT_RESERVE_POINTS,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.client = client
+        self.credentials = credentials
+        self.status = SyncStatus()
+        self._now = now
+        self._reserve = reserve_points
+        self._rng = rng or random.Random()
+        self._failures = 0
+        self._wrote = False  # has a write answered yet (so the budget is known)?
+
+    @property
+    def did(self) -> str:
+        """The account whose sessions this engine writes."""
+        return self.credentials.did
+
+    def due(self) -> bool:
+        """Whether a round could do anything now (not stopped, not backing off)."""
+        if self.status.auth_problem is not None:
+            return False
+        next_at = self.status.next_attempt_at
+        return next_at is None or next_at <= self._now()
+
+    def sync(
+        self,
+        deadline: float | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> SyncStatus:
+        """Write every due session it can before ``deadline`` (epoch seconds).
+
+        ``progress(done, total)`` is called after each request. Never raises for
+        server, network or auth failures: they land in :attr:`status`.
+        """
+        total = 0
+        done = 0
+        try:
+            while self.due() and (deadline is None or self._now() < deadline):
+                rows = self.store.due_for_sync(self.did, self._now(), limit=MAX_BATCH * 5)
+                if not rows:
+                    break
+                total = max(total, done + len(rows))
+                done += self._round(rows, deadline, _reporter(progress, done, total))
+        except SyncStopped:
+            pass
+        self._save_status()
+        return self.status
+
+    # -- one round ---------------------------------------------------------------
+
+    def _round(
+        self,
+        rows: list[StoredSession],
+        deadline: float | None,
+        progress: Callable[[int], None],
+    ) -> int:
+        """Write ``rows``; returns how many were settled (synced or quarantined)."""
+        before = self.status.synced + self.status.quarantined
+        plan = self._plan(rows)
+        for batch in self._batches(plan.creates):
+            self._create(batch)
+            progress(self.status.synced + self.status.quarantined - before)
+            self._check_deadline(deadline)
+        for row in plan.puts:
+            self._put(row)
+            progress(self.status.synced + self.status.quarantined - before)
+            self._check_deadline(deadline)
+        return self.status.synced + self.status.quarantined - before
+
+    def _check_deadline(self, deadline: float | None) -> None:
+        if deadline is not None and self._now() >= deadline:
+            raise SyncStopped
+
+    def _plan(self, rows: list[StoredSession]) -> _Plan:
+        """Split rows into creates and puts, looking first where the PDS may hold one."""
+        plan = _Plan()
+        uncertain = [row for row in rows if row.in_flight or row.mirrored]
+        plan.creates = [row for row in rows if not (row.in_flight or row.mirrored)]
+        if not uncertain:
+            return plan
+        held = self._lookup([row.rkey for row in uncertain])
+        for row in uncertain:
+            remote = held.get(row.rkey)
+            if remote is None:
+                self.store.settle([row.rkey])
+                plan.creates.append(row)
+            elif remote["value"] == row.record:
+                self._synced(row.rkey, remote["uri"], remote["cid"])
+            else:
+                plan.puts.append(row)
+        plan.creates.sort(key=lambda row: row.rkey)
+        return plan
+
+    def _lookup(self, rkeys: list[str]) -> dict[str, dict[str, Any]]:
+        """What the PDS holds at these rkeys: ``{rkey: {uri, cid, value}}``."""
+        if len(rkeys) <= GET_RECORD_LOOKUPS:
+            held = {}
+            for rkey in rkeys:
+                try:
+                    held[rkey] = self._call(
+                        lambda rkey=rkey: self.client.get_record(self.did, SESSION_NSID, rkey)
+                    )
+                except RecordNotFound:
+                    continue
+            return held
+        return self._list_since(min(rkeys), set(rkeys))
+
+    def _list_since(self, oldest: str, wanted: set[str]) -> dict[str, dict[str, Any]]:
+        """Page listRecords (newest first) until past ``oldest``."""
+        held: dict[str, dict[str, Any]] = {}
+        cursor = None
+        for _ in range(MAX_LIST_PAGES):
+            page = self._call(
+                lambda at=cursor: self.client.list_records(self.did, SESSION_NSID, cursor=at)
+            )
+            for item in page.get("records", []):
+                rkey = item["uri"].rsplit("/", 1)[-1]
+                if rkey in wanted:
+                    held[rkey] = item
+            cursor = page.get("cursor")
+            records = page.get("records", [])
+            if not cursor or not records or records[-1]["uri"].rsplit("/", 1)[-1] < oldest:
+                return held
+        raise self._stop_round("listRecords did not reach the oldest uncertain session")
+
+    def _batches(self, rows: list[StoredSession]) -> list[list[StoredSession]]:
+        """Consecutive batches, each as large as the budget and the 200 cap allow."""
+        batches = []
+        start = 0
+        while start < len(rows):
+            size = self._affordable(CREATE_POINTS)
+            batches.append(rows[start : start + size])
+            start += size
+        return batches
+
+    def _affordable(self, points_each: int) -> int:
+        """How many writes fit in the budget above the reserve (at least 1)."""
+        budget = self.status.budget
+        if not self._wrote:
+            return FIRST_BATCH
+        if budget is None or budget.reset_at <= self._now():
+            return MAX_BATCH  # a new window began; the next answer will tell
+        spare = budget.remaining - self._reserve
+        return max(1, min(MAX_BATCH, spare // points_each))
+
+    # -- writes ------------------------------------------------------------------
+
+    def _create(self, batch: list[StoredSession]) -> None:
+        self._ensure_budget(len(batch) * CREATE_POINTS)
+        rkeys = [row.rkey for row in batch]
+        writes = [
+            {
+                "$type": "com.atproto.repo.applyWrites#create",
+                "collection": SESSION_NSID,
+                "rkey": row.rkey,
+                "value": row.record,
+            }
+            for row in batch
+        ]
+        self.store.mark_in_flight(rkeys)
+        try:
+            answer = self._call(lambda: self.client.apply_writes(self.did, writes), rkeys, True)
+        except (InvalidRequest, PayloadTooLarge):
+            # One bad record fails the whole batch: find it with single puts.
+            self.store.settle(rkeys)
+            for row in batch:
+                self._put(row)
+            return
+        self.status.points_spent += CREATE_POINTS * len(batch)
+        for row, result in zip(batch, answer.get("results", []), strict=False):
+            self._synced(row.rkey, result["uri"], result["cid"])
+
+    def _put(self, row: StoredSession) -> None:
+        self._ensure_budget(PUT_POINTS)
+        self.store.mark_in_flight([row.rkey])
+        try:
+            answer = self._call(
+                lambda: self.client.put_record(self.did, SESSION_NSID, row.rkey, row.record),
+                [row.rkey],
+                True,
+            )
+        except (InvalidRequest, PayloadTooLarge) as refused:
+            self.store.quarantine(row.rkey, f"{type(refused).__name__}: {refused}")
+            self.status.quarantined += 1
+            logger.error("the PDS refused session %s: %s", row.rkey, refused)
+            return
+        self.status.points_spent += PUT_POINTS
+        self._synced(row.rkey, answer["uri"], answer["cid"])
+
+    def _synced(self, rkey: str, uri: str, cid: str) -> None:
+        self.store.mark_synced(rkey, uri, cid, self._now())
+        self.status.synced += 1
+        self.status.last_sync_at = self._now()
+
+    def _ensure_budget(self, points: int) -> None:
+        budget = self.status.budget
+        if budget is None or budget.reset_at <= self._now():
+            return
+        if budget.remaining - points < self._reserve:
+            self.status.next_attempt_at = budget.reset_at
+            self.status.last_error = (
+                f"write budget reserve reached ({budget.remaining} of {budget.limit} points"
+                f" left, {self._reserve} kept for the game)"
+            )
+            raise SyncStopped
+
+    # -- calls and their failures ------------------------------------------------------
+
+    def _call(
+        self, request: Callable[[], dict[str, Any]], rkeys: Sequence[str] = (), write: bool = False
+    ) -> Any:
+        """Run one XRPC request, turning failures into status, backoff or quarantine.
+
+        Only a write's answer tells the write budget: reads carry other buckets' headers.
+        """
+        self.status.requests += 1
+        try:
+            answer = request()
+        except (InvalidRequest, PayloadTooLarge, RecordNotFound):
+            self._note_budget(write)
+            raise  # the caller decides: quarantine, split, or "absent"
+        except RateLimited as limited:
+            self._note_budget(write)
+            self._defer(rkeys, limited, in_flight=False)
+            self.status.next_attempt_at = limited.retry_at
+            raise SyncStopped from limited
+        except (ExpiredToken, InvalidToken, AccountUnavailable, Forbidden) as denied:
+            self._defer(rkeys, denied, in_flight=False)
+            self.status.auth_problem = f"{type(denied).__name__}: {denied}"
+            logger.error("sync stopped for %s: %s", self.did, self.status.auth_problem)
+            raise SyncStopped from denied
+        except XrpcError as failure:
+            raise self._stop_round(str(failure), rkeys, failure) from failure
+        self._note_budget(write)
+        self._failures = 0
+        self.status.last_error = None
+        return answer
+
+    def _stop_round(
+        self, reason: str, rkeys: Sequence[str] = (), failure: XrpcError | None = None
+    ) -> SyncStopped:
+        """Back off after a network error, timeout or 5xx (the write may have landed)."""
+        self._failures += 1
+        delay = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (self._failures - 1))
+        delay *= self._rng.uniform(0.5, 1.5)
+        self.status.next_attempt_at = self._now() + delay
+        self.status.last_error = reason
+        ambiguous = failure is None or failure.ambiguous
+        if rkeys:
+            self.store.retry_later(list(rkeys), reason, self._now() + delay, in_flight=ambiguous)
+        logger.warning("sync failed (%s); next attempt in %.1f s", reason, delay)
+        return SyncStopped()
+
+    def _defer(self, rkeys: Sequence[str], failure: XrpcError, in_flight: bool) -> None:
+        self.status.last_error = f"{type(failure).__name__}: {failure}"
+        if rkeys:
+            self.store.retry_later(list(rkeys), self.status.last_error, 0.0, in_flight)
+
+    def _note_budget(self, write: bool) -> None:
+        if write:
+            self._wrote = True
+            self.status.budget = self.client.last_rate_limit
+
+    def _save_status(self) -> None:
+        status = self.status
+        try:
+            self.store.set_meta(
+                {
+                    "sync.did": self.did,
+                    "sync.last_sync_at": status.last_sync_at,
+                    "sync.last_error": status.last_error,
+                    "sync.next_attempt_at": status.next_attempt_at,
+                    "sync.auth_problem": status.auth_problem,
+                }
+            )
+        except Exception as failure:  # the CLI's view is not worth a lost round
+            logger.error("cannot save the sync status: %s", failure)
+
+
+def _reporter(
+    progress: Callable[[int, int], None] | None, done: int, total: int
+) -> Callable[[int], None]:
+    """Turn a round's own count into the caller's ``progress(done, total)``."""
+
+    def report(settled_in_round: int) -> None:
+        if progress is not None:
+            progress(done + settled_in_round, total)
+
+    return report

@@ -1,0 +1,189 @@
+"""Benchmarks of the agent's costs to the game: run with ``python benchmarks/run.py``.
+
+Writes ``benchmarks/results.json`` and prints a Markdown table (quoted in the
+README). Figures are medians of repeated runs, measured in one process so the
+activity calls sit next to a bare lock-plus-counter floor from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).with_name("results.json")
+
+
+class _Floor:
+    """The cheapest thread-safe counter a call could be: a lock and an increment."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.count = 0
+
+    def increment(self) -> None:
+        with self.lock:
+            self.count += 1
+
+
+def _median_ns(call: Callable[[], object], calls: int = 20_000, repeats: int = 9) -> float:
+    """Median over ``repeats`` runs of the mean time per call, in ns."""
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter_ns()
+        for _ in range(calls):
+            call()
+        runs.append((time.perf_counter_ns() - start) / calls)
+    return statistics.median(runs)
+
+
+def bench_activity_calls() -> dict[str, Any]:
+    """ns per activity call of each kind, and the floor they are compared with."""
+    from anisota_agent import Agent
+
+    agent = Agent("bench", in_memory=True).start()
+    agent.start_session()
+    floor = _Floor()
+    uri = "at://did:plc:abc/net.anisota.beta.game.log/3lbyzq2a3v22c"
+    calls: dict[str, Callable[[], object]] = {
+        "floor (lock + counter)": floor.increment,
+        "touch()": agent.touch,
+        "page(route)": lambda: agent.page("/garden"),
+        "feature(name)": lambda: agent.feature("lens"),
+        "action(kind, count)": lambda: agent.action("postsViewed", 2),
+        "progress(xp, level)": lambda: agent.progress(1200, 4),
+        "response(ms, ok)": lambda: agent.response(42.5, True),
+        "link_log(uri)": lambda: agent.link_log(uri),
+        "link_progress(uri)": lambda: agent.link_progress(uri),
+    }
+    # The lambdas add one Python call the floor does not pay: measure an empty
+    # lambda and subtract it, so each figure is the cost of the agent's call.
+    overhead = _median_ns(lambda: None)
+    results = {}
+    for name, call in calls.items():
+        cost = _median_ns(call)
+        if call is not floor.increment and call is not agent.touch:
+            cost -= overhead
+        results[name] = round(cost, 1)
+    agent.close()
+    floor_ns = results["floor (lock + counter)"]
+    return {
+        "ns_per_call": results,
+        "worst_ns": max(v for k, v in results.items() if not k.startswith("floor")),
+        "worst_ratio_to_floor": round(
+            max(v for k, v in results.items() if not k.startswith("floor")) / floor_ns, 2
+        ),
+        "target": "median <= 1000 ns and <= 3x floor",
+    }
+
+
+_IMPORT_PROBE = """
+import time
+t0 = time.perf_counter()
+import anisota_agent
+t1 = time.perf_counter()
+agent = anisota_agent.Agent("bench", data_dir={data_dir!r}).start()
+agent.start_session()
+t2 = time.perf_counter()
+agent.close()
+print((t1 - t0) * 1000, (t2 - t1) * 1000)
+"""
+
+
+def bench_import_and_start(runs: int = 15) -> dict[str, Any]:
+    """ms for ``import anisota_agent``, then constructing and starting on the game thread."""
+    imports, starts = [], []
+    with tempfile.TemporaryDirectory() as data_dir:
+        for _ in range(runs):
+            out = subprocess.run(
+                [sys.executable, "-c", _IMPORT_PROBE.format(data_dir=data_dir)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.split()
+            imports.append(float(out[0]))
+            starts.append(float(out[1]))
+    import_ms, start_ms = statistics.median(imports), statistics.median(starts)
+    return {
+        "import_ms": round(import_ms, 2),
+        "construct_start_and_start_session_ms": round(start_ms, 2),
+        "total_on_game_thread_ms": round(import_ms + start_ms, 2),
+        "target": "<= 30 ms",
+    }
+
+
+def bench_checkpoint(writes: int = 400) -> dict[str, Any]:
+    """ms per checkpoint of a typical live session (build, validate, write to WAL SQLite)."""
+    from anisota_agent.records import SessionContext, SessionState, build_record
+    from anisota_agent.store import Owner, Store
+    from anisota_agent.lexicon import validate_record
+
+    state = SessionState(
+        rkey="3lbyzq2a3v22c",
+        client_version="bench",
+        platform="desktop",
+        context=SessionContext(entry_point="direct", authentication_method="oauth"),
+        started_wall_ms=int(time.time() * 1000),
+        started_mono_ns=time.monotonic_ns(),
+    )
+    state.pages = {f"/page{i}": None for i in range(12)}
+    state.features = {f"feature{i}": None for i in range(6)}
+    state.actions = {"postsViewed": 40, "itemsCollected": 9}
+    owner = Owner(os.getpid(), 0.0, "bench")
+    with tempfile.TemporaryDirectory() as data_dir:
+        store = Store.open(Path(data_dir) / "agent.sqlite3")
+        validate_record(build_record(state, time.monotonic_ns()))  # warm lexrpc
+        timings = []
+        for i in range(writes):
+            state.total_events = i
+            start = time.perf_counter_ns()
+            record = build_record(state, time.monotonic_ns())
+            validate_record(record)
+            store.checkpoint(state.rkey, None, record, owner, "2026-11-24")
+            timings.append((time.perf_counter_ns() - start) / 1e6)
+        store.close()
+    return {
+        "checkpoint_ms_median": round(statistics.median(timings), 3),
+        "checkpoint_ms_p95": round(sorted(timings)[int(len(timings) * 0.95)], 3),
+        "target": "<= 2 ms",
+    }
+
+
+BENCHMARKS: dict[str, Callable[[], dict[str, Any]]] = {
+    "activity_calls": bench_activity_calls,
+    "import_and_start": bench_import_and_start,
+    "checkpoint": bench_checkpoint,
+}
+
+
+def main() -> None:
+    """Run the chosen benchmarks, merge them into results.json, print the table."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", nargs="*", choices=sorted(BENCHMARKS), help="run only these")
+    args = parser.parse_args()
+    chosen = args.only or list(BENCHMARKS)
+    results: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results["machine"] = {
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+    }
+    for name in chosen:
+        print(f"running {name} ...", file=sys.stderr)
+        results[name] = BENCHMARKS[name]()
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps({name: results[name] for name in chosen}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

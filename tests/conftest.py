@@ -1,0 +1,88 @@
+"""Shared fixtures: a real reference PDS on loopback (see ``pds_harness``).
+
+``pds`` (session): one PDS for the whole run, rate limits off.
+``pds_ratelimited`` (session, started only if a test asks for it): rate limits on.
+``account`` (function): a fresh account on ``pds``.
+
+If the node kit cannot be installed or started (no node/npm, no registry, ...),
+tests using these fixtures are skipped with a loud reason, except under
+``CI=true`` where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NoReturn
+
+import freezegun
+import freezegun.config
+import pytest
+from pds_harness import Account, PdsServer, PdsUnavailable, ensure_kit
+
+
+# The agent reads its clock on its worker thread too. freezegun's default ignore
+# list hands any call made under a ``threading`` frame the real time, which
+# would leave the worker unfrozen while the test's thread is frozen.
+freezegun.configure(
+    default_ignore_list=[
+        name
+        for name in freezegun.config.DEFAULT_IGNORE_LIST
+        if name not in ("threading", "queue")
+    ]
+)
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def _unavailable(reason: str) -> NoReturn:
+    message = f"REAL-PDS TESTS NOT RUN: the test PDS is unavailable: {reason}"
+    if _in_ci():
+        pytest.fail(message, pytrace=False)
+    warnings.warn(message, stacklevel=2)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def pds_kit() -> Path:
+    """The installed node kit (cold install: ~1.5 min, then cached)."""
+    try:
+        return ensure_kit()
+    except PdsUnavailable as exc:
+        _unavailable(exc.reason)
+
+
+def _start(kit: Path, *, rate_limits: bool) -> PdsServer:
+    server = PdsServer(kit)
+    try:
+        server.start(rate_limits=rate_limits)
+    except PdsUnavailable as exc:
+        _unavailable(exc.reason)
+    return server
+
+
+@pytest.fixture(scope="session")
+def pds(pds_kit: Path) -> Iterator[PdsServer]:
+    server = _start(pds_kit, rate_limits=False)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def pds_ratelimited(pds_kit: Path) -> Iterator[PdsServer]:
+    server = _start(pds_kit, rate_limits=True)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def account(pds: PdsServer, request: pytest.FixtureRequest) -> Account:
+    return pds.create_account(request.node.name[:8])
