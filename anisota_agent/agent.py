@@ -13,7 +13,7 @@ import os
 import threading
 from collections import Counter
 from types import TracebackType
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from .clock import Clock, SystemClock, TidGenerator
 from .records import (
@@ -38,17 +38,30 @@ from .records import (
     SessionState,
     check_at_uri,
     check_choice,
+    check_did,
     check_int,
+    check_pds_url,
+    check_seconds,
     check_text,
     clean_referrer,
 )
-from .worker import LIVE_OWNER_TOKENS, Work, Worker
+from .worker import LIVE_OWNER_TOKENS, AuthRequest, Work, Worker
+
+if TYPE_CHECKING:
+    import httpx
 
 logger = logging.getLogger("anisota_agent")
 
 DEFAULT_CHECKPOINT_INTERVAL = 5.0
 DEFAULT_MAX_SESSION_AGE = 24 * 3600.0
+DEFAULT_INACTIVITY_TIMEOUT = 30 * 60.0
+DEFAULT_CONTINUATION_WINDOW = 30 * 60.0
 DEFAULT_CLOSE_TIMEOUT = 2.0
+#: The wall clock running this far ahead of the monotonic clock means the
+#: machine slept (CLOCK_MONOTONIC stops during suspend) or the clock was stepped
+#: forward: either way the player was not playing in between.
+SUSPEND_THRESHOLD_NS = 60 * 1_000_000_000
+_GAME_ACTION_SET = frozenset(GAME_ACTIONS)
 
 
 class AgentStatus(NamedTuple):
@@ -90,7 +103,13 @@ class Agent:
         in_memory: keep the store in memory only (nothing survives the process).
         enabled: ``False`` records nothing (as does ``DO_NOT_TRACK=1``).
         checkpoint_interval: seconds between checkpoints of the live session.
-        max_session_age: seconds after which a session left active is expired.
+        inactivity_timeout: seconds without activity that end a session as
+            ``inactivity`` (60 s to 24 h, default 30 min).
+        continuation_window: seconds after an inactivity end within which new
+            activity starts a continuation, linked by ``parentSessionUri``
+            (0 to 24 h, default 30 min); later activity starts a plain session.
+        max_session_age: seconds after which a session is expired
+            (``expired``/``timeout``), by its own agent or by recovery.
         clock: the wall and monotonic clock (tests inject one).
     """
 
@@ -103,25 +122,32 @@ class Agent:
         in_memory: bool = False,
         enabled: bool = True,
         checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL,
+        inactivity_timeout: float = DEFAULT_INACTIVITY_TIMEOUT,
+        continuation_window: float = DEFAULT_CONTINUATION_WINDOW,
         max_session_age: float = DEFAULT_MAX_SESSION_AGE,
         clock: Clock | None = None,
     ) -> None:
         self.client_version = check_text("client_version", client_version, MAX_CLIENT_VERSION_LEN)
         self.platform = check_choice("platform", platform, PLATFORMS)
-        if not isinstance(checkpoint_interval, (int, float)) or not checkpoint_interval > 0:
-            raise ValueError(f"checkpoint_interval must be > 0 s; got {checkpoint_interval!r}")
-        if not isinstance(max_session_age, (int, float)) or not max_session_age >= 60:
-            raise ValueError(f"max_session_age must be >= 60 seconds; got {max_session_age!r}")
+        day = 24 * 3600.0
+        checkpoint_interval = check_seconds("checkpoint_interval", checkpoint_interval, 0.01, 3600)
+        self._idle_ns = _ns(check_seconds("inactivity_timeout", inactivity_timeout, 60, day))
+        self._window_ms = int(
+            1000 * check_seconds("continuation_window", continuation_window, 0, day)
+        )
+        self._max_age_ns = _ns(check_seconds("max_session_age", max_session_age, 60, 7 * day))
         self.enabled = enabled and not tracking_disabled_by_env()
         self._data_dir = None if in_memory or data_dir is None else os.fspath(data_dir)
         self._in_memory = in_memory
         self._checkpoint_interval = float(checkpoint_interval)
-        self._max_session_age_ms = int(max_session_age * 1000)
         self._clock = clock or SystemClock()
         self._mono = self._clock.monotonic_ns
+        self._wall = self._clock.wall_ns
         self._tids = TidGenerator(clock=self._clock)
         self._lock = threading.Lock()
         self._session: SessionState | None = None
+        # The last session that ended for inactivity: activity after it resumes play.
+        self._resumable: SessionState | None = None
         self._finished: list[SessionState] = []
         self._dirty = False
         self._dropped: Counter[str] = Counter()
@@ -130,6 +156,7 @@ class Agent:
         self._stopping = False  # close() was called: no restart
         self._purge = False
         self._did: str | None = None
+        self._auth_request: AuthRequest | None = None
         self._owner_token = os.urandom(16).hex()
         self._worker: Worker | None = None
 
@@ -151,8 +178,9 @@ class Agent:
                 in_memory=self._in_memory,
                 owner_token=self._owner_token,
                 wall_ms=lambda: self._clock.wall_ns() // 1_000_000,
-                interval=lambda: self._checkpoint_interval,
-                max_session_age_ms=self._max_session_age_ms,
+                checkpoint_interval=self._checkpoint_interval,
+                end_idle=self._end_idle,
+                max_session_age_ms=self._max_age_ns // 1_000_000,
             )
             self._worker.start()
             atexit.register(self.close)
@@ -213,6 +241,64 @@ class Agent:
             self._session = None
         self._wake()
 
+    # -- the account -------------------------------------------------------------
+
+    def use_auth(self, auth: httpx.Auth, *, did: str, pds_url: str) -> None:
+        """Sync as the host's own session: any ``httpx.Auth`` (its OAuth/DPoP session).
+
+        ``did`` is the account's DID; ``pds_url`` its PDS (``https://``, or
+        ``http://`` to a loopback address). Sessions from now on belong to this
+        account; a live session of another account is invalidated (account switch).
+        """
+        check_did("did", did)
+        url = check_pds_url(pds_url)
+        with self._lock:
+            self._auth_request = AuthRequest(kind="host", did=did, pds_url=url, auth=auth)
+            self._set_account_locked(did)
+        self._wake()
+
+    def login(self, identifier: str, password: str, *, pds_url: str) -> None:
+        """Log in with an app password, on the worker thread (this call does no I/O).
+
+        The password is held in memory only until the worker has used it; the
+        refresh token is kept in a 0600 file in the data dir, never the password.
+        ``status().auth`` tells how it went.
+        """
+        check_text("identifier", identifier, 2048)
+        check_text("password", password, 1024)
+        url = check_pds_url(pds_url)
+        with self._lock:
+            self._auth_request = AuthRequest(
+                kind="password", pds_url=url, identifier=identifier, password=password
+            )
+        self._wake()
+
+    def logout(self) -> None:
+        """End the session as ``logout`` and forget the account's credentials."""
+        self.end_session("logout")
+        with self._lock:
+            self._auth_request = AuthRequest(kind="logout")
+            self._did = None
+        self._wake()
+
+    def _set_account(self, did: str | None) -> None:
+        """The worker learned which account is logged in."""
+        with self._lock:
+            self._set_account_locked(did)
+
+    def _set_account_locked(self, did: str | None) -> None:
+        if did is None or (did == self._did and self._session is None):
+            self._did = did
+            return
+        self._did = did
+        session = self._session
+        if session is not None and session.did is None:
+            session.did = did  # recorded while the login was under way: it is theirs
+            self._dirty = True
+        elif session is not None and session.did != did:
+            logger.warning("account switched during session %s: invalidated", session.rkey)
+            self._end_locked("invalidated", "forced_end", self._mono())
+
     # -- sessions ----------------------------------------------------------------
 
     def start_session(
@@ -250,19 +336,8 @@ class Agent:
         with self._lock:
             if self._session is not None:
                 logger.warning("start_session while %s is active: ending it", self._session.rkey)
-                self._end_locked("ended", "user_initiated")
-            mono = self._mono()
-            self._session = SessionState(
-                rkey=self._tids.next(),
-                client_version=self.client_version,
-                platform=self.platform,
-                context=context,
-                started_wall_ms=self._clock.wall_ns() // 1_000_000,
-                started_mono_ns=mono,
-                did=self._did,
-            )
-            self._dirty = True
-            rkey = self._session.rkey
+                self._end_locked("ended", "user_initiated", self._mono())
+            rkey = self._begin_locked(context, self._mono(), parent_rkey=None).rkey
         self._wake()
         return rkey
 
@@ -286,20 +361,78 @@ class Agent:
 
     def _end(self, status: str, reason: str) -> str | None:
         with self._lock:
-            rkey = self._end_locked(status, reason)
+            rkey = self._end_locked(status, reason, self._mono())
         if rkey is not None:
             self._wake()
         return rkey
 
-    def _end_locked(self, status: str, reason: str) -> str | None:
+    def _begin_locked(
+        self, context: SessionContext, mono_ns: int, parent_rkey: str | None
+    ) -> SessionState:
+        session = SessionState(
+            rkey=self._tids.next(),
+            client_version=self.client_version,
+            platform=self.platform,
+            context=context,
+            started_wall_ms=self._wall() // 1_000_000,
+            started_mono_ns=mono_ns,
+            did=self._did,
+        )
+        session.parent_rkey = parent_rkey
+        session.expires_mono_ns = mono_ns + self._max_age_ns
+        # wall - mono beyond this means the wall clock ran ahead: the machine slept.
+        session.asleep_offset_ns = (
+            session.started_wall_ms * 1_000_000 - mono_ns + SUSPEND_THRESHOLD_NS
+        )
+        self._session = session
+        self._resumable = None
+        self._dirty = True
+        return session
+
+    def _end_locked(self, status: str, reason: str, at_mono_ns: int) -> str | None:
         session = self._session
         if session is None:
             return None
-        session.finish(status, reason, self._mono())
+        session.finish(status, reason, at_mono_ns)
         self._finished.append(session)
         self._session = None
+        self._resumable = session if reason in ("inactivity", "timeout") else None
         self._dirty = False
         return session.rkey
+
+    def _end_if_idle_locked(self, now_ns: int) -> bool:
+        """End the live session if it went idle, slept, or outlived the maximum age."""
+        session = self._session
+        if session is None:
+            return False
+        if now_ns > session.expires_mono_ns:
+            self._end_locked("expired", "timeout", now_ns)
+        elif (
+            now_ns - session.last_activity_mono_ns > self._idle_ns
+            or self._wall() - now_ns > session.asleep_offset_ns
+        ):
+            # Dated at the last activity: the player left then, not when we noticed.
+            self._end_locked("ended", "inactivity", session.last_activity_mono_ns)
+        else:
+            return False
+        return True
+
+    def _resume_locked(self, now_ns: int) -> SessionState | None:
+        """Activity after an inactivity end: a continuation within the window, else a new one."""
+        previous = self._resumable
+        if previous is None or previous.ended_mono_ns is None:
+            return None
+        # Wall time, not monotonic: a machine that slept has been away all along.
+        away_ms = self._wall() // 1_000_000 - previous.wall_ms(previous.ended_mono_ns)
+        parent = previous.rkey if away_ms <= self._window_ms else None
+        # Same entry and auth as before; never a new user's first session again.
+        was_new = previous.context.is_new_user
+        context = previous.context._replace(
+            is_new_user=None if was_new is None else False, referrer=None
+        )
+        session = self._begin_locked(context, now_ns, parent_rkey=parent)
+        self._wake()
+        return session
 
     # -- activity (the hot path) -----------------------------------------------------
 
@@ -333,7 +466,7 @@ class Agent:
         ``itemsCollected``, ``specimensCollected`` or ``dailyRewardsClaimed``;
         ``count``: 1 to 1,000,000.
         """
-        if kind not in GAME_ACTIONS or type(kind) is not str:
+        if type(kind) is not str or kind not in _GAME_ACTION_SET:
             check_choice("kind", kind, GAME_ACTIONS)
         if type(count) is not int or not 1 <= count <= MAX_COUNT_PER_CALL:
             check_int("count", count, 1, MAX_COUNT_PER_CALL)
@@ -373,7 +506,7 @@ class Agent:
 
     def link_log(self, uri: str) -> None:
         """Link a ``net.anisota.beta.game.log`` record (its at-uri) to the session."""
-        if not _is_at_uri(uri):
+        if type(uri) is not str or not 6 <= len(uri) <= MAX_URI_LEN or uri[:5] != "at://":
             check_at_uri("uri", uri)
         with self._lock:
             session = self._active()
@@ -382,7 +515,7 @@ class Agent:
 
     def link_progress(self, uri: str) -> None:
         """Link a ``net.anisota.beta.game.progress`` record (its at-uri) to the session."""
-        if not _is_at_uri(uri):
+        if type(uri) is not str or not 6 <= len(uri) <= MAX_URI_LEN or uri[:5] != "at://":
             check_at_uri("uri", uri)
         with self._lock:
             session = self._active()
@@ -392,14 +525,29 @@ class Agent:
                 )
 
     def _active(self) -> SessionState | None:
-        """The live session, with this call counted as activity (lock held)."""
+        """The live session, with this call counted as activity (lock held).
+
+        Ends a session that went idle, slept or aged out, and resumes play in a
+        new one (a continuation when recent enough). The common case is two clock
+        reads and three comparisons against bounds fixed at the session's start.
+        """
+        now = self._mono()
         session = self._session
-        if session is None:
-            if self.enabled:
-                self._dropped["calls_without_session"] += 1
-            return None
+        if (
+            session is None
+            or now - session.last_activity_mono_ns > self._idle_ns
+            or now > session.expires_mono_ns
+            or self._wall() - now > session.asleep_offset_ns
+        ):
+            if self._end_if_idle_locked(now):
+                self._wake()
+            session = self._resume_locked(now)
+            if session is None:
+                if self.enabled:
+                    self._dropped["calls_without_session"] += 1
+                return None
         session.total_events += 1
-        session.last_activity_mono_ns = self._mono()
+        session.last_activity_mono_ns = now
         self._dirty = True
         return session
 
@@ -429,7 +577,9 @@ class Agent:
                 now_mono_ns=self._mono(),
                 stopping=self._stopping,
                 purge=self._purge,
+                auth_request=self._auth_request,
             )
+            self._auth_request = None
             self._dropped_total.update(self._dropped)
             self._dropped.clear()
             self._finished = []
@@ -437,6 +587,17 @@ class Agent:
             self._dirty = False
             self._purge = False
         return work
+
+    def _end_idle(self) -> float:
+        """Worker's check: end an idle session; returns seconds until the next check is due."""
+        with self._lock:
+            now = self._mono()
+            self._end_if_idle_locked(now)
+            session = self._session
+            if session is None:
+                return float("inf")
+            idle_deadline = session.last_activity_mono_ns + self._idle_ns
+            return max(0.0, (min(idle_deadline, session.expires_mono_ns) - now) / 1e9)
 
     def status(self) -> AgentStatus:
         """What the agent is doing and what it dropped; reads no file."""
@@ -459,9 +620,8 @@ class Agent:
         )
 
 
-def _is_at_uri(uri: object) -> bool:
-    """The hot path's quick check; :func:`check_at_uri` explains a failure."""
-    return type(uri) is str and 6 <= len(uri) <= MAX_URI_LEN and uri.startswith("at://")
+def _ns(seconds: float) -> int:
+    return int(seconds * 1_000_000_000)
 
 
 def _check_optional_bool(name: str, value: object) -> bool | None:

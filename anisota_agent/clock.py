@@ -43,13 +43,14 @@ class Clock(Protocol):
 class SystemClock:
     """The real clocks of this process.
 
-    ``time.time_ns`` / ``time.monotonic_ns`` are looked up on every call rather
-    than bound at import, so freezegun (which swaps the attributes on the
-    ``time`` module) controls them in tests. Beware that freezegun's default
-    ignore list contains ``threading`` and ``queue``: a call made within five
-    stack frames of a ``threading.py`` frame (e.g. straight from a thread's
-    target) gets the *real* time; tests that freeze time for a worker thread
-    should configure freezegun's ignore list or inject a fake Clock.
+    ``wall_ns`` and ``monotonic_ns`` are the ``time`` module's own functions,
+    bound when the clock is made: they sit on the game's hot path, where a
+    Python-level wrapper would double the cost of an activity call. A freezegun
+    freeze active when the clock (or the agent) is made therefore drives it;
+    one started later does not. Beware that freezegun's default ignore list
+    contains ``threading`` and ``queue``: a call made within five stack frames
+    of a ``threading.py`` frame gets the *real* time; tests that freeze time for
+    a worker thread should configure freezegun's ignore list.
     """
 
     def __init__(self, monotonic_ns: Callable[[], int] | None = None) -> None:
@@ -58,17 +59,10 @@ class SystemClock:
         This lets a test move the monotonic clock independently of a
         freezegun-driven wall clock (freezegun ties the two together).
         """
-        self._monotonic_override = monotonic_ns
-
-    def wall_ns(self) -> int:
-        """Nanoseconds since the Unix epoch, from ``time.time_ns``."""
-        return time.time_ns()
-
-    def monotonic_ns(self) -> int:
-        """Monotonic nanoseconds, from the override or ``time.monotonic_ns``."""
-        if self._monotonic_override is not None:
-            return self._monotonic_override()
-        return time.monotonic_ns()
+        #: Nanoseconds since the Unix epoch (``time.time_ns``).
+        self.wall_ns: Callable[[], int] = time.time_ns
+        #: Monotonic nanoseconds (``time.monotonic_ns``, or the override).
+        self.monotonic_ns: Callable[[], int] = monotonic_ns or time.monotonic_ns
 
 
 # --- Lexicon datetimes -------------------------------------------------------

@@ -8,6 +8,7 @@ host's calls) and turns a copy of it into a lexicon record with
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from .clock import format_datetime, parse_datetime
@@ -75,12 +76,50 @@ def check_int(name: str, value: object, minimum: int, maximum: int) -> int:
     return value
 
 
+def check_seconds(name: str, value: object, minimum: float, maximum: float) -> float:
+    """Return a duration in seconds within ``[minimum, maximum]``, else raise."""
+    if type(value) not in (int, float):
+        raise TypeError(f"{name} must be a number of seconds; got {type(value).__name__}")
+    seconds = float(value)  # type: ignore[arg-type]
+    if not minimum <= seconds <= maximum:
+        raise ValueError(f"{name} must be between {minimum:g} and {maximum:g} s; got {value!r}")
+    return seconds
+
+
 def check_at_uri(name: str, value: object) -> str:
     """Return an ``at://`` uri of at most :data:`MAX_URI_LEN` characters, else raise."""
     uri = check_text(name, value, MAX_URI_LEN)
     if not uri.startswith("at://") or len(uri) < 6:
         raise ValueError(f"{name} must be an at:// uri; got {uri!r}")
     return uri
+
+
+def check_did(name: str, value: object) -> str:
+    """Return a DID (``did:<method>:<id>``), else raise naming the field."""
+    did = check_text(name, value, 2048)
+    method, _, rest = did.removeprefix("did:").partition(":")
+    if not did.startswith("did:") or not method.isalnum() or not method.islower() or not rest:
+        raise ValueError(f"{name} must be a DID like did:plc:… or did:web:…; got {did!r}")
+    return did
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` names this machine (plain http is allowed only there)."""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def check_pds_url(url: object) -> str:
+    """Return a PDS base URL: ``https://``, or ``http://`` only to a loopback host."""
+    from urllib.parse import urlsplit
+
+    text = check_text("pds_url", url, 2048)
+    parts = urlsplit(text)
+    host = parts.hostname or ""
+    if (parts.scheme == "https" and host) or (parts.scheme == "http" and is_loopback_host(host)):
+        return text.rstrip("/")
+    raise ValueError(
+        f"pds_url must be https://… (http:// only to a loopback address); got {text!r}"
+    )
 
 
 def clean_referrer(referrer: str, keep_query: bool) -> str:
@@ -115,6 +154,7 @@ class SessionState:
 
     __slots__ = (
         "actions",
+        "asleep_offset_ns",
         "client_version",
         "condition",
         "condition_ns",
@@ -126,15 +166,15 @@ class SessionState:
         "end_reason",
         "ended_mono_ns",
         "error_count",
+        "expires_mono_ns",
         "features",
         "first_xp",
         "last_activity_mono_ns",
         "log_uris",
         "pages",
-        "parent_uri",
+        "parent_rkey",
         "platform",
         "progress_uris",
-        "related_uris",
         "response_count",
         "response_total_ms",
         "rkey",
@@ -175,14 +215,16 @@ class SessionState:
         self.error_count = 0
         self.log_uris: dict[str, None] = {}
         self.progress_uris: dict[str, None] = {}
-        self.parent_uri: str | None = None
-        self.related_uris: tuple[str, ...] = ()
+        self.parent_rkey: str | None = None
         self.condition = "unknown"
         self.condition_since_mono_ns = started_mono_ns
         self.condition_ns: dict[str, int] = {}
         self.status = "active"
         self.end_reason: str | None = None
         self.ended_mono_ns: int | None = None
+        # Bounds the agent's hot path compares against (set by the agent).
+        self.expires_mono_ns = 2**63
+        self.asleep_offset_ns = 2**63
 
     def wall_ms(self, mono_ns: int) -> int:
         """The wall time (epoch ms) of a monotonic instant of this session."""
@@ -228,8 +270,14 @@ def round_half_up(value: float) -> int:
     return int(value + 0.5)
 
 
-def build_record(state: SessionState, now_mono_ns: int) -> dict[str, Any]:
-    """The lexicon record for ``state`` as of ``now_mono_ns`` (its ``updatedAt``)."""
+def build_record(
+    state: SessionState, now_mono_ns: int, related_rkeys: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The lexicon record for ``state`` as of ``now_mono_ns`` (its ``updatedAt``).
+
+    ``related_rkeys``: the other sessions of the same local day on this device.
+    Session uris need the account's DID, so without one they are left out.
+    """
     end_ns = state.ended_mono_ns if state.ended_mono_ns is not None else now_mono_ns
     now_ns = max(now_mono_ns, end_ns)
     record: dict[str, Any] = {
@@ -251,10 +299,11 @@ def build_record(state: SessionState, now_mono_ns: int) -> dict[str, Any]:
     context = _session_context(state.context)
     if context:
         record["sessionContext"] = context
-    if state.parent_uri:
-        record["parentSessionUri"] = state.parent_uri
+    related = [at_uri(state.did, rkey) for rkey in related_rkeys] if state.did else []
+    if state.did and state.parent_rkey:
+        record["parentSessionUri"] = at_uri(state.did, state.parent_rkey)
     for key, uris in (
-        ("relatedSessionUris", list(state.related_uris)),
+        ("relatedSessionUris", related[-MAX_RELATED_SESSIONS:]),
         ("relatedLogUris", list(state.log_uris)),
         ("relatedProgressUris", list(state.progress_uris)),
     ):

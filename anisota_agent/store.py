@@ -295,11 +295,11 @@ class Store:
             counts[outbox] = count
         return counts
 
-    def related_rkeys(self, local_day: str, exclude: str) -> list[str]:
-        """Record keys of other sessions of the same local day, oldest first."""
+    def related_rkeys(self, local_day: str, did: str, exclude: str) -> list[str]:
+        """Record keys of the account's other sessions of the same local day, oldest first."""
         rows = self.db.execute(
-            "SELECT rkey FROM sessions WHERE local_day=? AND rkey != ? ORDER BY rkey",
-            [local_day, exclude],
+            "SELECT rkey FROM sessions WHERE local_day = ? AND did = ? AND rkey != ? ORDER BY rkey",
+            [local_day, did, exclude],
         ).fetchall()
         return [rkey for (rkey,) in rows]
 

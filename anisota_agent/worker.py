@@ -33,6 +33,20 @@ MAX_WRITE_FAILURES = 3
 LIVE_OWNER_TOKENS: set[str] = set()
 
 
+class AuthRequest(NamedTuple):
+    """An account change the host asked for, carried out on the worker thread."""
+
+    kind: str  # "host" (its own httpx.Auth), "password" (app password), "logout"
+    did: str | None = None
+    pds_url: str | None = None
+    auth: Any = None  # the host's httpx.Auth
+    identifier: str | None = None
+    password: str | None = None
+
+    def __repr__(self) -> str:  # never show the password, even in a traceback
+        return f"AuthRequest(kind={self.kind!r}, did={self.did!r}, pds_url={self.pds_url!r})"
+
+
 class Work(NamedTuple):
     """What the agent hands the worker in one round."""
 
@@ -43,6 +57,7 @@ class Work(NamedTuple):
     now_mono_ns: int
     stopping: bool
     purge: bool
+    auth_request: AuthRequest | None
 
 
 class WorkerStatus:
@@ -81,7 +96,8 @@ class Worker:
         in_memory: bool,
         owner_token: str,
         wall_ms: Callable[[], int],
-        interval: Callable[[], float],
+        checkpoint_interval: float,
+        end_idle: Callable[[], float],
         max_session_age_ms: int,
     ) -> None:
         self._collect = collect
@@ -89,7 +105,8 @@ class Worker:
         self._in_memory = in_memory
         self._owner_token = owner_token
         self._wall_ms = wall_ms
-        self._interval = interval
+        self._checkpoint_interval = checkpoint_interval
+        self._end_idle = end_idle
         self._max_session_age_ms = max_session_age_ms
         self.wake = threading.Event()
         self.status = WorkerStatus()
@@ -115,8 +132,10 @@ class Worker:
         self._open_store()
         self._recover()
         while True:
-            self.wake.wait(self._interval())
+            # Sleep until the next checkpoint, or until the live session would go idle.
+            self.wake.wait(min(self._checkpoint_interval, self._end_idle()))
             self.wake.clear()
+            self._end_idle()
             work = self._collect()
             try:
                 self._process(work)
@@ -177,12 +196,13 @@ class Worker:
 
     def _save(self, state: SessionState, now_mono_ns: int, final: bool) -> bool:
         assert self._store is not None and self._owner is not None
-        record = build_record(state, now_mono_ns)
-        error = _validation_error(record)
-        if error and not final:
-            logger.error("session %s builds an invalid record: %s", state.rkey, error)
         day = local_day(state.started_wall_ms)
         try:
+            related = self._store.related_rkeys(day, state.did, state.rkey) if state.did else []
+            record = build_record(state, now_mono_ns, related)
+            error = _validation_error(record)
+            if error and not final:
+                logger.error("session %s builds an invalid record: %s", state.rkey, error)
             if final:
                 kept = self._store.finalize(state.rkey, state.did, record, self._owner, day, error)
             else:

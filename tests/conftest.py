@@ -22,15 +22,12 @@ import freezegun.config
 import pytest
 from pds_harness import Account, PdsServer, PdsUnavailable, ensure_kit
 
-
 # The agent reads its clock on its worker thread too. freezegun's default ignore
 # list hands any call made under a ``threading`` frame the real time, which
 # would leave the worker unfrozen while the test's thread is frozen.
 freezegun.configure(
     default_ignore_list=[
-        name
-        for name in freezegun.config.DEFAULT_IGNORE_LIST
-        if name not in ("threading", "queue")
+        name for name in freezegun.config.DEFAULT_IGNORE_LIST if name not in ("threading", "queue")
     ]
 )
 

@@ -39,8 +39,8 @@ class FakeClock:
 
 
 def test_system_clock_follows_freezegun() -> None:
-    clock = SystemClock()
     with freeze_time("2026-11-24T10:00:00Z") as frozen:
+        clock = SystemClock()  # made inside the freeze: freezegun drives it
         assert clock.wall_ns() == NOV_24_MS * 1_000_000
         mono = clock.monotonic_ns()
         frozen.tick(5)
@@ -50,8 +50,8 @@ def test_system_clock_follows_freezegun() -> None:
 
 def test_system_clock_monotonic_override_is_independent_of_freezegun() -> None:
     ticks = iter([10, 20])
-    clock = SystemClock(monotonic_ns=lambda: next(ticks))
     with freeze_time("2026-11-24T10:00:00Z"):
+        clock = SystemClock(monotonic_ns=lambda: next(ticks))
         assert clock.monotonic_ns() == 10
         assert clock.monotonic_ns() == 20
         assert clock.wall_ns() == NOV_24_MS * 1_000_000

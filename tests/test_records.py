@@ -119,8 +119,8 @@ def test_referrer_query_kept_when_host_opts_in(tmp_path: Path) -> None:
 def test_wall_clock_step_back_keeps_duration_and_order(tmp_path: Path) -> None:
     """The wall clock jumps an hour back mid-session; the monotonic clock does not."""
     mono = [10_000_000_000]
-    clock = SystemClock(monotonic_ns=lambda: mono[0])
     with freeze_time(START) as frozen:
+        clock = SystemClock(monotonic_ns=lambda: mono[0])
         agent = Agent("1.0", data_dir=tmp_path, clock=clock).start()
         rkey = agent.start_session()
         assert rkey is not None
@@ -206,10 +206,12 @@ def test_worst_case_record_stays_small() -> None:
     uri = "at://did:plc:" + "a" * MAX_URI_LEN
     state.log_uris = {uri[: MAX_URI_LEN - 3] + f"{i:03d}": None for i in range(MAX_LINKED_URIS)}
     state.progress_uris = dict(state.log_uris)
-    state.related_uris = tuple(f"at://did:plc:{i:024d}/x/y" for i in range(MAX_RELATED_SESSIONS))
-    state.parent_uri = "at://did:plc:" + "p" * 32
+    state.did = "did:plc:" + "p" * 24
+    state.parent_rkey = "3lbyzq2a3v22a"
     state.finish("ended", "logout", state.started_mono_ns + 1)
-    record = build_record(state, state.started_mono_ns + 1)
+    related = [f"3lbyzq2a3v{i:03d}" for i in range(MAX_RELATED_SESSIONS + 5)]
+    record = build_record(state, state.started_mono_ns + 1, related)
+    assert len(record["relatedSessionUris"]) == MAX_RELATED_SESSIONS
     validate_record(record)
     size = len(json.dumps(record).encode())
     assert size < 16_384, size
