@@ -13,9 +13,10 @@ import os
 import threading
 from collections import Counter
 from types import TracebackType
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .clock import Clock, SystemClock, TidGenerator
+from .network import NetworkMonitor, Transition
 from .records import (
     AUTHENTICATION_METHODS,
     ENTRY_POINTS,
@@ -45,10 +46,12 @@ from .records import (
     check_text,
     clean_referrer,
 )
-from .worker import LIVE_OWNER_TOKENS, AuthRequest, Work, Worker
+from .worker import LIVE_OWNER_TOKENS, AuthRequest, Work, Worker, WorkerSettings, WorkerStatus
 
 if TYPE_CHECKING:
     import httpx
+
+    from .timing import Timed
 
 logger = logging.getLogger("anisota_agent")
 
@@ -57,6 +60,8 @@ DEFAULT_MAX_SESSION_AGE = 24 * 3600.0
 DEFAULT_INACTIVITY_TIMEOUT = 30 * 60.0
 DEFAULT_CONTINUATION_WINDOW = 30 * 60.0
 DEFAULT_CLOSE_TIMEOUT = 2.0
+DEFAULT_WRITE_RESERVE = 1000
+DEFAULT_SLOW_THRESHOLD_MS = 2000.0
 #: The wall clock running this far ahead of the monotonic clock means the
 #: machine slept (CLOCK_MONOTONIC stops during suspend) or the clock was stepped
 #: forward: either way the player was not playing in between.
@@ -77,6 +82,12 @@ class AgentStatus(NamedTuple):
     last_error: str | None
     recovered: int
     counters: dict[str, int]
+    network: str
+    account: str | None
+    auth_problem: str | None
+    last_sync_at: float | None
+    next_sync_at: float | None
+    sync_error: str | None
 
 
 def tracking_disabled_by_env() -> bool:
@@ -110,6 +121,12 @@ class Agent:
             (0 to 24 h, default 30 min); later activity starts a plain session.
         max_session_age: seconds after which a session is expired
             (``expired``/``timeout``), by its own agent or by recovery.
+        write_reserve: rate-limit points of the player's write budget the sync
+            never spends, left for the game itself (default 1,000 of 5,000/h).
+        mirror_interval: seconds between ``putRecord`` mirrors of the live
+            session to the PDS (at least 60; default None: only finished
+            sessions are written).
+        slow_threshold_ms: request latency above which the network is ``slow``.
         clock: the wall and monotonic clock (tests inject one).
     """
 
@@ -125,6 +142,9 @@ class Agent:
         inactivity_timeout: float = DEFAULT_INACTIVITY_TIMEOUT,
         continuation_window: float = DEFAULT_CONTINUATION_WINDOW,
         max_session_age: float = DEFAULT_MAX_SESSION_AGE,
+        write_reserve: int = DEFAULT_WRITE_RESERVE,
+        mirror_interval: float | None = None,
+        slow_threshold_ms: float = DEFAULT_SLOW_THRESHOLD_MS,
         clock: Clock | None = None,
     ) -> None:
         self.client_version = check_text("client_version", client_version, MAX_CLIENT_VERSION_LEN)
@@ -136,6 +156,12 @@ class Agent:
             1000 * check_seconds("continuation_window", continuation_window, 0, day)
         )
         self._max_age_ns = _ns(check_seconds("max_session_age", max_session_age, 60, 7 * day))
+        self._write_reserve = check_int("write_reserve", write_reserve, 0, 1_000_000)
+        self._mirror_interval = (
+            None
+            if mirror_interval is None
+            else check_seconds("mirror_interval", mirror_interval, 60, day)
+        )
         self.enabled = enabled and not tracking_disabled_by_env()
         self._data_dir = None if in_memory or data_dir is None else os.fspath(data_dir)
         self._in_memory = in_memory
@@ -143,6 +169,11 @@ class Agent:
         self._clock = clock or SystemClock()
         self._mono = self._clock.monotonic_ns
         self._wall = self._clock.wall_ns
+        self._network = NetworkMonitor(
+            now=self._mono_s,
+            slow_threshold_ms=check_seconds("slow_threshold_ms", slow_threshold_ms, 1, 600_000),
+            on_change=self._on_network_change,
+        )
         self._tids = TidGenerator(clock=self._clock)
         self._lock = threading.Lock()
         self._session: SessionState | None = None
@@ -154,6 +185,7 @@ class Agent:
         self._dropped_total: Counter[str] = Counter()
         self._waiters: list[threading.Event] = []
         self._stopping = False  # close() was called: no restart
+        self._close_deadline: float | None = None
         self._purge = False
         self._did: str | None = None
         self._auth_request: AuthRequest | None = None
@@ -173,14 +205,19 @@ class Agent:
                 return self
             LIVE_OWNER_TOKENS.add(self._owner_token)
             self._worker = Worker(
-                collect=self._collect,
-                data_dir=self._data_dir,
-                in_memory=self._in_memory,
-                owner_token=self._owner_token,
-                wall_ms=lambda: self._clock.wall_ns() // 1_000_000,
-                checkpoint_interval=self._checkpoint_interval,
-                end_idle=self._end_idle,
-                max_session_age_ms=self._max_age_ns // 1_000_000,
+                self,
+                WorkerSettings(
+                    data_dir=self._data_dir,
+                    in_memory=self._in_memory,
+                    owner_token=self._owner_token,
+                    checkpoint_interval=self._checkpoint_interval,
+                    max_session_age_ms=self._max_age_ns // 1_000_000,
+                    reserve_points=self._write_reserve,
+                    mirror_interval=self._mirror_interval,
+                ),
+                self._network,
+                wall_s=lambda: self._wall() / 1e9,
+                mono_s=self._mono_s,
             )
             self._worker.start()
             atexit.register(self.close)
@@ -199,6 +236,8 @@ class Agent:
                 self._stopping = True
                 return worker is None or worker.join(0)
             self._stopping = True
+            # The last sync must leave time to close the store within the timeout.
+            self._close_deadline = self._wall() / 1e9 + timeout * 0.8
         atexit.unregister(self.close)
         worker.wake.set()
         done = worker.join(timeout)
@@ -218,11 +257,13 @@ class Agent:
     ) -> None:
         self.close()
 
-    def checkpoint(self, timeout: float = 5.0) -> bool:
-        """Ask the worker to write everything now and wait for it (blocks the caller).
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Ask the worker for a round now and wait for it (blocks the caller).
 
-        For tests, tools and moments where the game can afford to wait; the
-        recording calls never need it. True if the write finished in time.
+        The round writes everything to the store and syncs what is due to the
+        PDS (unless offline or backing off). For tests, tools and moments where
+        the game can afford to wait; the recording calls never need it. True if
+        the round finished within ``timeout`` seconds.
         """
         done = threading.Event()
         with self._lock:
@@ -281,21 +322,20 @@ class Agent:
             self._did = None
         self._wake()
 
-    def _set_account(self, did: str | None) -> None:
-        """The worker learned which account is logged in."""
+    def _set_account(self, did: str) -> None:
+        """The worker logged in (or resumed a saved login) as ``did``."""
         with self._lock:
             self._set_account_locked(did)
 
-    def _set_account_locked(self, did: str | None) -> None:
-        if did is None or (did == self._did and self._session is None):
-            self._did = did
-            return
+    def _set_account_locked(self, did: str) -> None:
         self._did = did
         session = self._session
-        if session is not None and session.did is None:
+        if session is None or session.did == did:
+            return
+        if session.did is None:
             session.did = did  # recorded while the login was under way: it is theirs
             self._dirty = True
-        elif session is not None and session.did != did:
+        else:
             logger.warning("account switched during session %s: invalidated", session.rkey)
             self._end_locked("invalidated", "forced_end", self._mono())
 
@@ -379,6 +419,7 @@ class Agent:
             did=self._did,
         )
         session.parent_rkey = parent_rkey
+        session.condition = self._network.condition
         session.expires_mono_ns = mono_ns + self._max_age_ns
         # wall - mono beyond this means the wall clock ran ahead: the machine slept.
         session.asleep_offset_ns = (
@@ -558,6 +599,53 @@ class Agent:
         else:
             self._dropped[overflow] += 1
 
+    # -- the host's HTTP traffic ------------------------------------------------------
+
+    def report_request(self, elapsed_ms: float, outcome: str) -> None:
+        """Record one of the game's own requests: its time and how it ended.
+
+        ``outcome``: ``ok`` (an answer), ``server_error`` (5xx, 408, 429) or
+        ``network_error`` (no answer). It counts as a measured response of the
+        session (anything but ``ok`` is an error) and informs the network
+        condition. The timing helpers below call it for you.
+        """
+        self._network.observe_request(elapsed_ms, outcome)  # validates outcome
+        self.response(elapsed_ms, ok=outcome == "ok")
+
+    def httpx_event_hooks(self, *, asynchronous: bool = False) -> dict[str, list[Any]]:
+        """``event_hooks`` for the game's ``httpx.Client`` (or ``AsyncClient``) that time
+        every request. Event hooks never see a request that got no answer: use
+        :meth:`timed_transport` to count those too."""
+        from . import timing
+
+        factory = timing.async_event_hooks if asynchronous else timing.event_hooks
+        return dict(factory(self.report_request))
+
+    def timed_transport(self, inner: httpx.BaseTransport | None = None) -> httpx.BaseTransport:
+        """A transport for the game's ``httpx.Client`` that times every request,
+        failures included (wraps ``inner``, default ``httpx.HTTPTransport()``)."""
+        from .timing import TimedTransport
+
+        return TimedTransport(self.report_request, inner)
+
+    def async_timed_transport(
+        self, inner: httpx.AsyncBaseTransport | None = None
+    ) -> httpx.AsyncBaseTransport:
+        """Like :meth:`timed_transport`, for ``httpx.AsyncClient``."""
+        from .timing import AsyncTimedTransport
+
+        return AsyncTimedTransport(self.report_request, inner)
+
+    def timed(self) -> Timed:
+        """A context manager and decorator (sync or async) that times any call.
+
+        An exception counts as an error (``network_error`` for ``OSError`` and
+        httpx transport errors, else ``server_error``) and is re-raised.
+        """
+        from .timing import Timed
+
+        return Timed(self.report_request)
+
     # -- the worker's side -------------------------------------------------------------
 
     def _wake(self) -> None:
@@ -578,6 +666,7 @@ class Agent:
                 stopping=self._stopping,
                 purge=self._purge,
                 auth_request=self._auth_request,
+                deadline=self._close_deadline,
             )
             self._auth_request = None
             self._dropped_total.update(self._dropped)
@@ -587,6 +676,23 @@ class Agent:
             self._dirty = False
             self._purge = False
         return work
+
+    def _mono_s(self) -> float:
+        return self._mono() / 1e9
+
+    def _on_network_change(self, change: Transition) -> None:
+        # Back online: wake the worker so the queue syncs within seconds.
+        if change.reconnected:
+            self._wake()
+
+    def _network_changed(self, transitions: list[Transition]) -> None:
+        """Bank the live session's time in each network condition (from the worker)."""
+        with self._lock:
+            session = self._session
+            if session is not None:
+                for change in transitions:
+                    session.set_condition(change.new, int(change.at * 1e9))
+                self._dirty = True
 
     def _end_idle(self) -> float:
         """Worker's check: end an idle session; returns seconds until the next check is due."""
@@ -606,17 +712,24 @@ class Agent:
         with self._lock:
             dropped = dict(self._dropped_total + self._dropped)
             session = self._session.rkey if self._session is not None else None
+        seen = worker_status or WorkerStatus()
         return AgentStatus(
             enabled=self.enabled,
             running=worker is not None and not self._stopping,
-            store_path=worker_status.store_path if worker_status else None,
-            store_mode=worker_status.store_mode if worker_status else "stopped",
+            store_path=seen.store_path,
+            store_mode=seen.store_mode if worker_status else "stopped",
             session=session,
-            outbox=worker_status.outbox if worker_status else {},
+            outbox=seen.outbox,
             dropped=dropped,
-            last_error=worker_status.last_error if worker_status else None,
-            recovered=worker_status.recovered if worker_status else 0,
-            counters=worker_status.counters if worker_status else {},
+            last_error=seen.last_error,
+            recovered=seen.recovered,
+            counters=seen.counters,
+            network=self._network.condition,
+            account=seen.account,
+            auth_problem=seen.auth_problem,
+            last_sync_at=seen.last_sync_at,
+            next_sync_at=seen.next_sync_at,
+            sync_error=seen.sync_error,
         )
 
 

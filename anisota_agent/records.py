@@ -104,22 +104,43 @@ def check_did(name: str, value: object) -> str:
 
 
 def is_loopback_host(host: str) -> bool:
-    """Whether ``host`` names this machine (plain http is allowed only there)."""
-    return host in ("localhost", "::1") or host.startswith("127.")
+    """True for ``localhost``, 127.0.0.0/8 and ``::1``."""
+    import ipaddress  # only when a PDS URL is given
+
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def check_pds_url(url: object) -> str:
-    """Return a PDS base URL: ``https://``, or ``http://`` only to a loopback host."""
+    """Validate a PDS base URL and return it without a trailing slash.
+
+    Only ``https`` is accepted, except ``http`` to a loopback host (a local dev
+    PDS): tokens must never cross a network in clear text.
+
+    Raises:
+        TypeError: not a str.
+        ValueError: another scheme, plain http to a remote host, a URL with
+            credentials, a query or a fragment.
+    """
     from urllib.parse import urlsplit
 
-    text = check_text("pds_url", url, 2048)
-    parts = urlsplit(text)
-    host = parts.hostname or ""
-    if (parts.scheme == "https" and host) or (parts.scheme == "http" and is_loopback_host(host)):
-        return text.rstrip("/")
-    raise ValueError(
-        f"pds_url must be https://… (http:// only to a loopback address); got {text!r}"
-    )
+    if not isinstance(url, str):
+        raise TypeError(f"pds_url must be a str, not {type(url).__name__}")
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ValueError(f"pds_url must be https://host; got {url!r}")
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+        raise ValueError(
+            f"pds_url: refusing plain http to a non-loopback PDS ({parts.hostname}): use https"
+        )
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise ValueError("pds_url must not carry credentials, a query or a fragment")
+    return url.strip().rstrip("/")
 
 
 def clean_referrer(referrer: str, keep_query: bool) -> str:
@@ -234,7 +255,9 @@ class SessionState:
         """Switch the network condition, banking the time spent in the old one."""
         if condition == self.condition:
             return
-        held = max(0, mono_ns - self.condition_since_mono_ns)
+        # A change noticed late may predate the last one (or the start): clamp.
+        mono_ns = max(mono_ns, self.condition_since_mono_ns)
+        held = mono_ns - self.condition_since_mono_ns
         self.condition_ns[self.condition] = self.condition_ns.get(self.condition, 0) + held
         self.condition = condition
         self.condition_since_mono_ns = mono_ns

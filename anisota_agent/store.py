@@ -355,6 +355,14 @@ class Store:
             [error, at, int(in_flight)],
         )
 
+    def clear_backoff(self, did: str) -> None:
+        """Make the account's pending sessions due at once."""
+        self.db.execute(
+            "UPDATE sessions SET next_attempt_at = NULL WHERE outbox = 'pending' AND did = ?",
+            [did],
+        )
+        self.db.conn.commit()
+
     def settle(self, rkeys: list[str]) -> None:
         """These sessions are known not to be on the PDS: plain creates again."""
         self._update_many(rkeys, "in_flight = 0")

@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .auth import Credentials
+import httpx
+
+from .auth import AppPasswordSession, Credentials, HostAuth, TokenStore
 from .lexicon import SESSION_NSID
 from .store import Store, StoredSession
 from .xrpc import (
@@ -39,6 +42,7 @@ from .xrpc import (
     Forbidden,
     InvalidRequest,
     InvalidToken,
+    OnResponse,
     PayloadTooLarge,
     RateLimit,
     RateLimited,
@@ -58,6 +62,10 @@ BACKOFF_BASE = 2.0
 BACKOFF_MAX = 600.0
 GET_RECORD_LOOKUPS = 5  # above this many uncertain sessions, page listRecords instead
 MAX_LIST_PAGES = 50
+REQUEST_TIMEOUT = 15.0  # seconds per request phase, unless a deadline is nearer
+
+#: One XRPC call, given the timeout it may take.
+Request = Callable[[float], dict[str, Any]]
 
 
 @dataclass
@@ -108,6 +116,7 @@ class SyncEngine:
         self._reserve = reserve_points
         self._rng = rng or random.Random()
         self._failures = 0
+        self._deadline: float | None = None
         self._wrote = False  # has a write answered yet (so the budget is known)?
 
     @property
@@ -122,6 +131,13 @@ class SyncEngine:
         next_at = self.status.next_attempt_at
         return next_at is None or next_at <= self._now()
 
+    def retry_now(self) -> None:
+        """Drop a network backoff (the network just came back); a budget wait stays."""
+        if self._failures:
+            self._failures = 0
+            self.status.next_attempt_at = None
+            self.store.clear_backoff(self.did)
+
     def sync(
         self,
         deadline: float | None = None,
@@ -134,6 +150,7 @@ class SyncEngine:
         """
         total = 0
         done = 0
+        self._deadline = deadline
         try:
             while self.due() and (deadline is None or self._now() < deadline):
                 rows = self.store.due_for_sync(self.did, self._now(), limit=MAX_BATCH * 5)
@@ -197,9 +214,7 @@ class SyncEngine:
             held = {}
             for rkey in rkeys:
                 try:
-                    held[rkey] = self._call(
-                        lambda rkey=rkey: self.client.get_record(self.did, SESSION_NSID, rkey)
-                    )
+                    held[rkey] = self._call(self._get_record(rkey))
                 except RecordNotFound:
                     continue
             return held
@@ -210,9 +225,7 @@ class SyncEngine:
         held: dict[str, dict[str, Any]] = {}
         cursor = None
         for _ in range(MAX_LIST_PAGES):
-            page = self._call(
-                lambda at=cursor: self.client.list_records(self.did, SESSION_NSID, cursor=at)
-            )
+            page = self._call(self._list_page(cursor))
             for item in page.get("records", []):
                 rkey = item["uri"].rsplit("/", 1)[-1]
                 if rkey in wanted:
@@ -259,7 +272,11 @@ class SyncEngine:
         ]
         self.store.mark_in_flight(rkeys)
         try:
-            answer = self._call(lambda: self.client.apply_writes(self.did, writes), rkeys, True)
+            answer = self._call(
+                lambda timeout: self.client.apply_writes(self.did, writes, timeout=timeout),
+                rkeys,
+                write=True,
+            )
         except (InvalidRequest, PayloadTooLarge):
             # One bad record fails the whole batch: find it with single puts.
             self.store.settle(rkeys)
@@ -275,9 +292,11 @@ class SyncEngine:
         self.store.mark_in_flight([row.rkey])
         try:
             answer = self._call(
-                lambda: self.client.put_record(self.did, SESSION_NSID, row.rkey, row.record),
+                lambda timeout: self.client.put_record(
+                    self.did, SESSION_NSID, row.rkey, row.record, timeout=timeout
+                ),
                 [row.rkey],
-                True,
+                write=True,
             )
         except (InvalidRequest, PayloadTooLarge) as refused:
             self.store.quarantine(row.rkey, f"{type(refused).__name__}: {refused}")
@@ -306,19 +325,32 @@ class SyncEngine:
 
     # -- calls and their failures ------------------------------------------------------
 
-    def _call(
-        self, request: Callable[[], dict[str, Any]], rkeys: Sequence[str] = (), write: bool = False
-    ) -> Any:
+    def _get_record(self, rkey: str) -> Request:
+        return lambda timeout: self.client.get_record(self.did, SESSION_NSID, rkey, timeout=timeout)
+
+    def _list_page(self, cursor: str | None) -> Request:
+        return lambda timeout: self.client.list_records(
+            self.did, SESSION_NSID, cursor=cursor, timeout=timeout
+        )
+
+    def _call(self, request: Request, rkeys: Sequence[str] = (), write: bool = False) -> Any:
         """Run one XRPC request, turning failures into status, backoff or quarantine.
 
-        Only a write's answer tells the write budget: reads carry other buckets' headers.
+        Only a write's answer tells the write budget: reads carry other buckets'.
         """
+        timeout = REQUEST_TIMEOUT
+        if self._deadline is not None:
+            timeout = max(0.05, min(timeout, self._deadline - self._now()))
         self.status.requests += 1
         try:
-            answer = request()
-        except (InvalidRequest, PayloadTooLarge, RecordNotFound):
+            answer = request(timeout)
+        except RecordNotFound:
+            raise  # the caller's "absent"
+        except (InvalidRequest, PayloadTooLarge) as refused:
+            if not write:  # a read refused: e.g. the repo is gone; not a record's fault
+                raise self._stop_round(str(refused)) from refused
             self._note_budget(write)
-            raise  # the caller decides: quarantine, split, or "absent"
+            raise  # the caller decides: quarantine, or split the batch
         except RateLimited as limited:
             self._note_budget(write)
             self._defer(rkeys, limited, in_flight=False)
@@ -387,3 +419,132 @@ def _reporter(
             progress(done + settled_in_round, total)
 
     return report
+
+
+class Uplink:
+    """The worker's link to the player's PDS: the account, its client and sync engine.
+
+    Owns at most one account at a time. Every method runs on the worker thread
+    (or in the CLI) and never raises a network, server or auth failure: those
+    become :attr:`problem`, logged on the ``anisota_agent`` logger.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        token_store: TokenStore,
+        *,
+        on_response: OnResponse | None = None,
+        reserve_points: int = DEFAULT_RESERVE_POINTS,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.token_store = token_store
+        self.credentials: Credentials | None = None
+        self.engine: SyncEngine | None = None
+        #: Why there is no working account (a failed login, say), if so.
+        self.problem: str | None = None
+        self._on_response = on_response
+        self._reserve = reserve_points
+        self._now = now
+
+    @property
+    def did(self) -> str | None:
+        """The account's DID, if one is connected."""
+        return self.credentials.did if self.credentials is not None else None
+
+    def resume(self) -> str | None:
+        """Pick up the app-password session saved by an earlier run or ``login``."""
+        try:
+            credentials = AppPasswordSession.from_store(
+                self.token_store, on_response=self._on_response
+            )
+        except OSError as failure:
+            self.problem = f"cannot read the saved session: {failure}"
+            logger.error("%s", self.problem)
+            return None
+        if credentials is not None:
+            self._connect(credentials)
+        return self.did
+
+    def login(self, pds_url: str, identifier: str, password: str) -> str | None:
+        """App-password login; the password is used once and not kept."""
+        try:
+            credentials = AppPasswordSession.login(
+                pds_url, identifier, password, self.token_store, on_response=self._on_response
+            )
+        except (XrpcError, OSError) as failure:
+            self.problem = f"login failed: {type(failure).__name__}: {failure}"
+            logger.error("%s", self.problem)
+            return None
+        self._connect(credentials)
+        return self.did
+
+    def use_host_auth(self, auth: httpx.Auth, did: str, pds_url: str) -> str:
+        """Sync through the host's own ``httpx.Auth`` (its OAuth/DPoP session)."""
+        self._connect(HostAuth(auth, did, pds_url))
+        return did
+
+    def logout(self) -> None:
+        """Revoke and forget an app-password session; drop a host's auth."""
+        credentials = self.credentials
+        self._disconnect()
+        if isinstance(credentials, AppPasswordSession):
+            credentials.logout()
+        else:
+            self.token_store.clear()
+        self.problem = None
+
+    def due(self) -> bool:
+        """Whether a sync round could write something now."""
+        if self.engine is None or not self.engine.due():
+            return False
+        return bool(self.store.due_for_sync(self.engine.did, self._now(), limit=1))
+
+    def seconds_until_retry(self) -> float | None:
+        """Seconds until a backed-off or budget-limited sync may run again."""
+        if self.engine is None or self.engine.status.auth_problem is not None:
+            return None
+        next_at = self.engine.status.next_attempt_at
+        return None if next_at is None else max(0.0, next_at - self._now())
+
+    def sync(self, deadline: float | None = None) -> SyncStatus | None:
+        """One sync pass (see :meth:`SyncEngine.sync`); None without an account."""
+        if self.engine is None:
+            return None
+        return self.engine.sync(deadline)
+
+    def mirror(self, rkey: str, record: dict[str, Any]) -> bool:
+        """Put the live session's current record on the PDS (idempotent putRecord)."""
+        engine = self.engine
+        if engine is None or not engine.due():
+            return False
+        try:
+            engine.client.put_record(engine.did, SESSION_NSID, rkey, record)
+        except XrpcError as failure:
+            logger.warning("mirroring session %s failed: %s", rkey, failure)
+            return False
+        self.store.mark_mirrored(rkey)
+        return True
+
+    def close(self) -> None:
+        """Close the connections (the account stays saved)."""
+        self._disconnect()
+
+    def _connect(self, credentials: Credentials) -> None:
+        self._disconnect()
+        self.credentials = credentials
+        client = credentials.client(on_response=self._on_response)
+        self.engine = SyncEngine(
+            self.store, client, credentials, now=self._now, reserve_points=self._reserve
+        )
+        self.problem = None
+        logger.info("syncing as %s", credentials.describe())
+
+    def _disconnect(self) -> None:
+        if self.engine is not None:
+            self.engine.client.close()
+        if self.credentials is not None:
+            self.credentials.close()
+        self.engine = None
+        self.credentials = None

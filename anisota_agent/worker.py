@@ -14,13 +14,18 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from .lexicon import RecordValidationError, validate_record
+from .network import NetworkMonitor, Transition, interfaces_up
 from .records import SessionState, build_record, expire_record
 
 if TYPE_CHECKING:
     from .store import Owner, Store, StoredSession
+    from .sync import Uplink
+
+#: The app-password session (refresh token, 0600) beside the store.
+SESSION_FILENAME = "session.json"
 
 logger = logging.getLogger("anisota_agent")
 
@@ -58,6 +63,8 @@ class Work(NamedTuple):
     stopping: bool
     purge: bool
     auth_request: AuthRequest | None
+    #: Wall-clock seconds by which a closing agent's last sync must end.
+    deadline: float | None
 
 
 class WorkerStatus:
@@ -71,6 +78,11 @@ class WorkerStatus:
         self.last_error: str | None = None
         self.last_checkpoint_wall: float | None = None
         self.recovered = 0
+        self.account: str | None = None
+        self.auth_problem: str | None = None
+        self.last_sync_at: float | None = None
+        self.next_sync_at: float | None = None
+        self.sync_error: str | None = None
 
     def copy(self) -> WorkerStatus:
         """A copy whose dicts the worker will not change."""
@@ -86,35 +98,65 @@ def local_day(wall_ms: int) -> str:
     return time.strftime("%Y-%m-%d", time.localtime(wall_ms / 1000))
 
 
+class AgentSide(Protocol):
+    """What the worker asks of the agent (all cheap, under the agent's lock)."""
+
+    def _collect(self) -> Work: ...
+
+    def _end_idle(self) -> float: ...
+
+    def _set_account(self, did: str) -> None: ...
+
+    def _network_changed(self, transitions: list[Transition]) -> None: ...
+
+
+class WorkerSettings(NamedTuple):
+    """The agent's settings the worker needs."""
+
+    data_dir: str | None
+    in_memory: bool
+    owner_token: str
+    checkpoint_interval: float
+    max_session_age_ms: int
+    reserve_points: int
+    mirror_interval: float | None
+
+
+#: How often the worker looks at the network interfaces (psutil), at most.
+INTERFACE_POLL_SECONDS = 5.0
+#: How long one background sync pass may run before the worker checkpoints again.
+SYNC_SLICE_SECONDS = 10.0
+
+
 class Worker:
-    """Owns the store and writes the agent's sessions to it on its own thread."""
+    """Owns the store and the PDS link; writes and syncs the agent's sessions."""
 
     def __init__(
         self,
-        collect: Callable[[], Work],
-        data_dir: str | None,
-        in_memory: bool,
-        owner_token: str,
-        wall_ms: Callable[[], int],
-        checkpoint_interval: float,
-        end_idle: Callable[[], float],
-        max_session_age_ms: int,
+        agent: AgentSide,
+        settings: WorkerSettings,
+        network: NetworkMonitor,
+        wall_s: Callable[[], float],
+        mono_s: Callable[[], float],
     ) -> None:
-        self._collect = collect
-        self._data_dir = data_dir
-        self._in_memory = in_memory
-        self._owner_token = owner_token
-        self._wall_ms = wall_ms
-        self._checkpoint_interval = checkpoint_interval
-        self._end_idle = end_idle
-        self._max_session_age_ms = max_session_age_ms
+        self._agent = agent
+        self._settings = settings
+        self._network = network
+        self._wall_s = wall_s
+        self._network_now = mono_s
         self.wake = threading.Event()
         self.status = WorkerStatus()
         self._status_lock = threading.Lock()
         self._store: Store | None = None
+        self._uplink: Uplink | None = None
         self._owner: Owner | None = None
         self._unsaved: list[SessionState] = []
         self._write_failures = 0
+        self._resumed = False
+        self._interfaces_polled_at = -INTERFACE_POLL_SECONDS
+        self._mirrored_at: float | None = None
+        # The live session's latest record and its account, for mirroring.
+        self._live_record: tuple[str, str, dict[str, Any]] | None = None
         self._thread = threading.Thread(target=self._run, name="anisota-agent", daemon=True)
 
     def start(self) -> None:
@@ -131,14 +173,16 @@ class Worker:
     def _run(self) -> None:
         self._open_store()
         self._recover()
+        self._open_uplink()
         while True:
-            # Sleep until the next checkpoint, or until the live session would go idle.
-            self.wake.wait(min(self._checkpoint_interval, self._end_idle()))
+            self.wake.wait(self._sleep_seconds())
             self.wake.clear()
-            self._end_idle()
-            work = self._collect()
+            self._agent._end_idle()
+            work = self._agent._collect()
             try:
                 self._process(work)
+                self._tend_network()
+                self._sync(work.deadline)
             except Exception:  # a bug here must not kill recording for good
                 logger.exception("worker round failed")
                 self._count({"worker_errors": 1})
@@ -146,12 +190,24 @@ class Worker:
                 waiter.set()
             if work.stopping:
                 break
-        if self._store is not None:
-            self._store.close()
+        self._shut_down()
+
+    def _sleep_seconds(self) -> float:
+        """Until the next checkpoint, idle deadline, sync retry or network probe."""
+        due = [self._settings.checkpoint_interval, self._agent._end_idle()]
+        if self._uplink is not None:
+            retry = self._uplink.seconds_until_retry()
+            if retry is not None:
+                due.append(retry)
+        probe_at = self._network.next_probe_at()
+        if probe_at is not None and self._uplink is not None and self._uplink.engine:
+            due.append(max(0.0, probe_at - self._network_now()))
+        return max(0.0, min(due))
 
     def _process(self, work: Work) -> None:
         if work.purge:
             self._purge()
+        self._apply_auth(work.auth_request)
         if work.dropped:
             self._count(work.dropped)
         self._unsaved.extend(work.finished)
@@ -163,6 +219,12 @@ class Worker:
             self._unsaved.pop(0)
         self._refresh_status()
 
+    def _shut_down(self) -> None:
+        if self._uplink is not None:
+            self._uplink.close()
+        if self._store is not None:
+            self._store.close()
+
     # -- store -----------------------------------------------------------------
 
     def _open_store(self) -> None:
@@ -172,11 +234,13 @@ class Worker:
 
         from .store import DB_FILENAME, Owner, Store, default_data_dir
 
+        settings = self._settings
         pid = os.getpid()
-        self._owner = Owner(pid, psutil.Process(pid).create_time(), self._owner_token)
+        self._owner = Owner(pid, psutil.Process(pid).create_time(), settings.owner_token)
         path = None
-        if not self._in_memory:
-            path = (Path(self._data_dir) if self._data_dir else default_data_dir()) / DB_FILENAME
+        if not settings.in_memory:
+            data_dir = Path(settings.data_dir) if settings.data_dir else default_data_dir()
+            path = data_dir / DB_FILENAME
         try:
             self._store = Store.open(path) if path is not None else Store(None)
             self._set_status(
@@ -207,6 +271,8 @@ class Worker:
                 kept = self._store.finalize(state.rkey, state.did, record, self._owner, day, error)
             else:
                 kept = self._store.checkpoint(state.rkey, state.did, record, self._owner, day)
+                if kept and state.did:
+                    self._live_record = (state.rkey, state.did, record)
         except Exception as failure:
             return self._write_failed(state.rkey, failure)
         self._write_failures = 0
@@ -226,10 +292,112 @@ class Worker:
             self._degrade(f"{MAX_WRITE_FAILURES} writes failed, last: {failure}")
         return False
 
+    # -- the PDS -----------------------------------------------------------------
+
+    def _open_uplink(self) -> None:
+        """The PDS link; the account comes with the first round (:meth:`_apply_auth`)."""
+        from .auth import FileTokenStore, MemoryTokenStore, TokenStore
+        from .sync import Uplink
+
+        assert self._store is not None
+        path = self._store.path
+        tokens: TokenStore = (
+            FileTokenStore(path.with_name(SESSION_FILENAME)) if path else MemoryTokenStore()
+        )
+        self._uplink = Uplink(
+            self._store,
+            tokens,
+            on_response=self._network.observe_request,
+            reserve_points=self._settings.reserve_points,
+            now=self._wall_s,
+        )
+
+    def _apply_auth(self, request: AuthRequest | None) -> None:
+        """Carry out the host's account change; at the first round, resume a saved login."""
+        uplink = self._uplink
+        assert uplink is not None
+        did = None
+        if request is None:
+            if self._resumed:
+                return
+            did = uplink.resume()  # no request is made until the first sync
+        elif request.kind == "host":
+            assert request.did is not None and request.pds_url is not None
+            uplink.use_host_auth(request.auth, request.did, request.pds_url)
+        elif request.kind == "password":
+            assert request.pds_url and request.identifier and request.password
+            did = uplink.login(request.pds_url, request.identifier, request.password)
+        else:
+            uplink.logout()
+        self._resumed = True  # a host's choice made at start wins over a saved login
+        if did is not None:
+            self._agent._set_account(did)
+        self._refresh_account()
+
+    def _tend_network(self) -> None:
+        """Poll the interfaces now and then, probe the PDS when in doubt."""
+        now = self._network_now()
+        if now - self._interfaces_polled_at >= INTERFACE_POLL_SECONDS:
+            self._interfaces_polled_at = now
+            self._network.observe_interfaces(interfaces_up())
+        engine = self._uplink.engine if self._uplink is not None else None
+        if engine is not None and self._network.probe_due():
+            began = time.perf_counter()
+            try:
+                engine.client.health(timeout=5.0)
+            except Exception:
+                self._network.observe_probe(None)
+            else:
+                self._network.observe_probe((time.perf_counter() - began) * 1000)
+        transitions = self._network.pop_transitions()
+        if transitions:
+            self._agent._network_changed(transitions)
+            if any(change.reconnected for change in transitions) and engine is not None:
+                engine.retry_now()  # back online: do not wait out the old backoff
+
+    def _sync(self, deadline: float | None) -> None:
+        """Sync what is due (unless offline), and mirror the live session if asked."""
+        uplink = self._uplink
+        if uplink is None or self._network.condition == "offline":
+            return
+        self._mirror(uplink)
+        if uplink.due():
+            slice_end = self._wall_s() + SYNC_SLICE_SECONDS
+            uplink.sync(slice_end if deadline is None else min(deadline, slice_end))
+            self._refresh_status()
+        self._refresh_account()
+
+    def _mirror(self, uplink: Uplink) -> None:
+        interval = self._settings.mirror_interval
+        if interval is None or self._live_record is None:
+            return
+        now = self._wall_s()
+        if self._mirrored_at is not None and now - self._mirrored_at < interval:
+            return
+        rkey, did, record = self._live_record
+        if uplink.did == did and uplink.mirror(rkey, record):
+            self._mirrored_at = now
+            self._live_record = None
+
+    def _refresh_account(self) -> None:
+        uplink = self._uplink
+        assert uplink is not None
+        engine = uplink.engine
+        status = engine.status if engine is not None else None
+        self._set_status(
+            account=uplink.credentials.describe() if uplink.credentials else None,
+            auth_problem=(status.auth_problem if status else None) or uplink.problem,
+            last_sync_at=status.last_sync_at if status else None,
+            next_sync_at=status.next_attempt_at if status else None,
+            sync_error=status.last_error if status else None,
+        )
+
+    # -- recovery -------------------------------------------------------------
+
     def _recover(self) -> None:
         """Expire sessions whose owner died, or that outlived the maximum age."""
         assert self._store is not None
-        now_ms = self._wall_ms()
+        now_ms = int(self._wall_s() * 1000)
         recovered = 0
         for stale in self._store.live_sessions():
             if not self._should_expire(stale, now_ms):
@@ -244,7 +412,7 @@ class Worker:
     def _should_expire(self, stale: StoredSession, now_ms: int) -> bool:
         from .clock import parse_datetime
 
-        if now_ms - parse_datetime(stale.record["startedAt"]) > self._max_session_age_ms:
+        if now_ms - parse_datetime(stale.record["startedAt"]) > self._settings.max_session_age_ms:
             return True
         return not owner_alive(stale.owner_pid, stale.owner_started, stale.owner_token)
 

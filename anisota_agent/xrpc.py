@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import enum
-import ipaddress
 import json
 import logging
 import time
@@ -31,9 +30,11 @@ from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ClassVar, Literal, NoReturn
-from urllib.parse import urlsplit
 
 import httpx
+
+from .records import check_pds_url
+from .timing import classify_status
 
 logger = logging.getLogger("anisota_agent")
 
@@ -48,12 +49,10 @@ DEFAULT_RETRY_AFTER = 60.0
 _EPOCH_THRESHOLD = 1_000_000_000
 
 _ACCOUNT_ERRORS = frozenset({"AccountTakedown", "AccountDeactivated", "AccountSuspended"})
-_INVALID_TOKEN_ERRORS = frozenset(
-    {"InvalidToken", "AuthMissing", "AuthenticationRequired", "BadJwt", "BadJwtSignature"}
-)
 
 JsonDict = dict[str, Any]
-OnResponse = Callable[[float, bool], None]
+#: ``on_response(elapsed_ms, outcome)``: ``ok``, ``server_error`` or ``network_error``.
+OnResponse = Callable[[float, str], None]
 
 
 # -- errors ---------------------------------------------------------------------
@@ -278,39 +277,6 @@ def _error_body(response: httpx.Response) -> tuple[str | None, str]:
 # -- URLs -------------------------------------------------------------------------
 
 
-def is_loopback_host(host: str) -> bool:
-    """True for ``localhost``, 127.0.0.0/8 and ``::1``."""
-    host = host.strip("[]").lower()
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_pds_url(url: str) -> str:
-    """Validate a PDS base URL and return it without a trailing slash.
-
-    Only ``https`` is accepted, except ``http`` to a loopback host (a local dev
-    PDS): tokens must never cross a network in clear text.
-
-    Raises:
-        ValueError: for another scheme, plain http to a remote host, a URL with
-            credentials, a query or a fragment.
-    """
-    if not isinstance(url, str):
-        raise TypeError(f"PDS URL must be a str, not {type(url).__name__}")
-    parts = urlsplit(url.strip())
-    if parts.scheme not in ("https", "http") or not parts.hostname:
-        raise ValueError(f"PDS URL must be https://host; got {url!r}")
-    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
-        raise ValueError(f"refusing plain http to a non-loopback PDS ({parts.hostname}): use https")
-    if parts.username or parts.password or parts.query or parts.fragment:
-        raise ValueError("PDS URL must not carry credentials, a query or a fragment")
-    return url.strip().rstrip("/")
-
-
 def _user_agent() -> str:
     from . import __version__  # here, not at import time: the package may be half-loaded
 
@@ -373,9 +339,9 @@ class XrpcClient:
         transport: an httpx transport (tests inject faults with it).
         timeout: seconds allowed for each phase (connect, write, read, pool) of a
             request; a per-call ``timeout`` overrides it.
-        on_response: called as ``on_response(elapsed_ms, ok)`` after every HTTP
-            exchange (``ok`` is False for transport errors and 5xx); it must be
-            quick and must not raise.
+        on_response: called as ``on_response(elapsed_ms, outcome)`` after every HTTP
+            exchange (see :func:`~anisota_agent.timing.classify_status`); it
+            must be quick and must not raise.
 
     Not for the game's thread: every method blocks on the network.
     """
@@ -531,7 +497,8 @@ class XrpcClient:
         """``listRecords`` (public): ``{records: [{uri, cid, value}], cursor?}``.
 
         Newest rkey first unless ``reverse``; pass the answer's ``cursor`` back
-        for the next page (its absence means the last page).
+        for the next page. Stop at a page without records or without a cursor:
+        the reference PDS returns a cursor even with the last page.
         """
         params: dict[str, str | int] = {"repo": repo, "collection": collection, "limit": limit}
         if cursor is not None:
@@ -584,7 +551,7 @@ class XrpcClient:
         return _json_object(response, nsid)
 
     def _transport_failed(self, nsid: str, failure: httpx.TransportError, began: float) -> NoReturn:
-        self._notify((time.perf_counter() - began) * 1000, ok=False)
+        self._notify((time.perf_counter() - began) * 1000, "network_error")
         kind = type(failure).__name__
         logger.debug("%s failed: %s: %s", nsid, kind, failure)
         raise NetworkError(f"{kind}: {failure}" if str(failure) else kind, nsid=nsid) from failure
@@ -604,13 +571,13 @@ class XrpcClient:
         if server_date is not None:
             self.server_date = server_date
             self.clock_skew = server_date - time.time()
-        self._notify(elapsed_ms, ok=response.status_code < 500)
+        self._notify(elapsed_ms, classify_status(response.status_code))
 
-    def _notify(self, elapsed_ms: float, ok: bool) -> None:
+    def _notify(self, elapsed_ms: float, outcome: str) -> None:
         if self._on_response is None:
             return
         try:
-            self._on_response(elapsed_ms, ok)
+            self._on_response(elapsed_ms, outcome)
         except Exception:  # a monitor's bug must not fail a sync
             logger.exception("on_response callback failed")
 

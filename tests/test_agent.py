@@ -91,7 +91,7 @@ def test_activity_without_a_session_is_dropped_and_counted(tmp_path: Path) -> No
     agent.touch()
     assert agent.end_session() is None  # ending with nothing running is harmless
     assert agent.status().dropped == {"calls_without_session": 2}
-    assert agent.checkpoint()
+    assert agent.flush()
     assert agent.status().counters == {"calls_without_session": 2}
     agent.close()
     assert all_sessions(tmp_path) == []
@@ -141,11 +141,11 @@ def test_checkpoint_writes_the_live_session(tmp_path: Path) -> None:
     with freeze_time("2026-11-24T10:00:00Z") as frozen:
         agent = Agent("1.0", data_dir=tmp_path).start()
         rkey = agent.start_session()
-        assert agent.checkpoint()
+        assert agent.flush()
         assert stored(tmp_path, str(rkey)).outbox == "live"
         frozen.tick(3)
         agent.action("feedsLoaded")
-        assert agent.checkpoint()
+        assert agent.flush()
         live = stored_record(tmp_path, str(rkey))
         assert live["status"] == "active"
         assert live["lastActivityAt"] == "2026-11-24T10:00:03.000Z"
@@ -170,10 +170,10 @@ def test_purge_deletes_everything(tmp_path: Path) -> None:
     agent = Agent("1.0", data_dir=tmp_path).start()
     agent.start_session()
     agent.end_session()
-    assert agent.checkpoint()
+    assert agent.flush()
     assert len(all_sessions(tmp_path)) == 1
     agent.purge()
-    assert agent.checkpoint()
+    assert agent.flush()
     assert all_sessions(tmp_path) == []
     agent.close()
 
@@ -194,7 +194,7 @@ def test_unwritable_store_degrades_to_memory(tmp_path: Path) -> None:
     agent = Agent("1.0", data_dir=blocker / "sub").start()
     rkey = agent.start_session()
     agent.page("/home")
-    assert agent.checkpoint()
+    assert agent.flush()
     status = agent.status()
     assert status.store_mode == "memory"
     assert status.counters["store_failures"] == 1
@@ -219,7 +219,7 @@ _AUDIT_SCRIPT = textwrap.dedent(
     sys.addaudithook(hook)
     import anisota_agent
     agent = anisota_agent.Agent("1.0", data_dir=sys.argv[1]).start()
-    agent.checkpoint()  # let the worker import what it needs, off this thread
+    agent.flush()  # let the worker import what it needs, off this thread
     watching = True
     agent.start_session(entry_point="direct", authentication_method="oauth")
     for i in range(50):

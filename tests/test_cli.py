@@ -24,7 +24,7 @@ def recorded(tmp_path: Path) -> tuple[Path, list[str]]:
         agent.page(route)
         agent.end_session("logout")
     rkeys.append(str(agent.start_session()))
-    assert agent.checkpoint()
+    assert agent.flush()
     agent._stopping = True  # leave the last session live, as a running game would
     return tmp_path, rkeys
 
@@ -50,7 +50,9 @@ def test_sessions_table_and_json(capsys: pytest.CaptureFixture[str], recorded: t
     lines = out.splitlines()
     assert lines[0].startswith("RKEY")
     assert [line.split()[0] for line in lines[1:]] == sorted(rkeys, reverse=True)
-    code, out, _ = run(capsys, "--data-dir", str(data_dir), "sessions", "--json", "--state", "pending")
+    code, out, _ = run(
+        capsys, "--data-dir", str(data_dir), "sessions", "--json", "--state", "pending"
+    )
     rows = [json.loads(line) for line in out.splitlines()]
     assert {row["rkey"] for row in rows} == set(rkeys[:2])
     assert all(row["status"] == "ended" and row["endReason"] == "logout" for row in rows)

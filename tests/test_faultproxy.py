@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -118,6 +120,27 @@ def test_cut(account: Account, proxy: FaultProxy, client: httpx.Client) -> None:
     proxy.set_mode("pass")
     assert put(client, account, "3lbyzq2a3v22d").status_code == 200
     assert proxy.requests_forwarded(PUT) == 2
+
+
+def test_cut_resets_a_request_in_flight(proxy: FaultProxy, client: httpx.Client) -> None:
+    proxy.set_mode("hang")
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            client.get("/xrpc/_health")
+        except BaseException as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=call)
+    worker.start()
+    deadline = time.monotonic() + 5
+    while proxy.requests_seen("/xrpc/_health") == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proxy.set_mode("cut")
+    worker.join(timeout=5)
+    assert len(errors) == 1
+    assert isinstance(errors[0], httpx.ReadError)
 
 
 def test_hang(pds: PdsServer, account: Account, proxy: FaultProxy) -> None:

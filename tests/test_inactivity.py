@@ -48,7 +48,7 @@ def test_inactivity_ends_the_session_at_the_last_activity(
     frozen.tick(2 * MINUTE)
     agent.page("/garden")
     frozen.tick(10 * MINUTE + 1)  # just past the timeout, no call from the game
-    assert agent.checkpoint()  # the worker notices
+    assert agent.flush()  # the worker notices
     assert agent.status().session is None
     record = stored_record(tmp_path, rkey)
     assert (record["status"], record["endReason"]) == ("ended", "inactivity")
@@ -66,7 +66,7 @@ def test_activity_inside_the_window_starts_a_continuation(
     )
     agent.page("/a")
     frozen.tick(10 * MINUTE + 1)
-    assert agent.checkpoint()  # ended for inactivity, dated 10:00:00 (its last activity)
+    assert agent.flush()  # ended for inactivity, dated 10:00:00 (its last activity)
     frozen.tick(9 * MINUTE)  # 19 min after that end: inside the 20 min window
     agent.page("/b")  # the game's next call resumes play
     second = agent.status().session
@@ -89,7 +89,7 @@ def test_activity_after_the_window_starts_a_plain_session(
     agent = make_agent(tmp_path)
     first = str(agent.start_session())
     frozen.tick(10 * MINUTE + 1)
-    assert agent.checkpoint()
+    assert agent.flush()
     frozen.tick(21 * MINUTE)  # past the window
     agent.action("postsViewed")
     second = agent.status().session

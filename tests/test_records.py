@@ -59,7 +59,7 @@ def test_full_session_record_field_by_field(tmp_path: Path) -> None:
         agent.touch()
         frozen.tick(10)
         assert agent.end_session("logout") == rkey
-        assert agent.checkpoint()
+        assert agent.flush()
         agent.close()
 
     record = stored_record(tmp_path, rkey)

@@ -26,7 +26,7 @@ _GAME = textwrap.dedent(
     rkey = agent.start_session(entry_point="direct")
     agent.page("/garden")
     agent.action("specimensCollected", count=3)
-    assert agent.checkpoint()
+    assert agent.flush()
     print(rkey, flush=True)
     sys.stdin.read()
     """
@@ -76,7 +76,7 @@ def test_killed_session_expires_at_last_activity_and_live_one_is_left(
     crashed.kill()
 
     agent = Agent("1.0", data_dir=tmp_path).start()
-    assert agent.checkpoint()
+    assert agent.flush()
     assert agent.status().recovered == 1
 
     expired = stored_record(tmp_path, crashed.rkey)
@@ -94,13 +94,13 @@ def test_session_of_a_closed_agent_in_this_process_is_recovered(tmp_path: Path) 
     """An earlier agent in this same process died without closing (same pid)."""
     first = Agent("1.0", data_dir=tmp_path).start()
     rkey = first.start_session()
-    assert first.checkpoint()
+    assert first.flush()
     # Simulate the agent's death without close(): its token leaves the live set.
     from anisota_agent.worker import LIVE_OWNER_TOKENS
 
     LIVE_OWNER_TOKENS.discard(first._owner_token)
     second = Agent("1.0", data_dir=tmp_path).start()
-    assert second.checkpoint()
+    assert second.flush()
     assert stored_record(tmp_path, str(rkey))["status"] == "expired"
     second.close()
     LIVE_OWNER_TOKENS.add(first._owner_token)
@@ -115,6 +115,6 @@ def test_session_older_than_max_age_expires_even_with_a_live_owner(
     games.append(running)
     with freeze_time("2031-01-01T00:00:00Z"):
         agent = Agent("1.0", data_dir=tmp_path, max_session_age=3600).start()
-        assert agent.checkpoint()
+        assert agent.flush()
         agent.close()
     assert stored_record(tmp_path, running.rkey)["status"] == "expired"

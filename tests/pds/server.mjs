@@ -5,7 +5,9 @@
 //
 // Environment:
 //   ANISOTA_TEST_PDS_RATE_LIMITS=1   same as --rate-limits (off by default)
-//   ANISOTA_TEST_PDS_DEBUG=1         PDS/PLC logs (pino, JSON) on stderr
+//   ANISOTA_TEST_PDS_DEBUG=1         PDS/PLC logs (pino, JSON) on stderr (the logger
+//                                    reopens /dev/stderr: redirect it to a pipe or
+//                                    with `2>>file`, not `2>file`, or lines clobber)
 //   ANISOTA_TEST_PDS_LOG_LEVEL=...   log level when debugging (default "info")
 //
 // On success exactly one JSON line is printed on stdout:

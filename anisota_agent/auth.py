@@ -1,0 +1,744 @@
+"""Credentials for writing to the player's PDS, and where the session is kept.
+
+Two kinds of :class:`Credentials`:
+
+- :class:`AppPasswordSession`: the agent logs in with an app password
+  (``createSession``), keeps the short-lived access JWT in memory only, and
+  persists the refresh JWT (never the password) in a :class:`TokenStore`. Its
+  :meth:`~AppPasswordSession.httpx_auth` refreshes once on ``ExpiredToken``.
+- :class:`HostAuth`: the host game already holds a session (typically atproto
+  OAuth with DPoP) and hands the agent an :class:`httpx.Auth` that signs
+  requests; the host owns refreshing it.
+
+Everything here runs on the agent's worker thread (or in the CLI): it blocks on
+the network and the disk. No password or token is ever logged or put in an
+exception message or ``repr``.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import importlib
+import json
+import logging
+import os
+import secrets
+import threading
+from collections.abc import Callable, Generator
+from pathlib import Path
+from types import ModuleType
+from typing import Any, ClassVar
+
+import httpx
+
+from .records import check_pds_url
+from .xrpc import (
+    ExpiredToken,
+    InvalidToken,
+    OnResponse,
+    ServerError,
+    XrpcClient,
+    XrpcError,
+)
+
+logger = logging.getLogger("anisota_agent")
+
+#: Version of the stored session format.
+STORE_FORMAT = 1
+
+#: A token file bigger than this is not ours.
+MAX_TOKEN_FILE_BYTES = 64 * 1024
+
+#: Seconds allowed per phase of a login, refresh or logout request.
+DEFAULT_AUTH_TIMEOUT = 10.0
+
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_POSIX = os.name == "posix"
+
+
+# -- token stores -----------------------------------------------------------------
+
+
+class TokenStore(abc.ABC):
+    """Where an app-password session's refresh JWT is kept between runs."""
+
+    @abc.abstractmethod
+    def load(self) -> dict[str, Any] | None:
+        """The saved session, or None if there is none (or it cannot be trusted)."""
+
+    @abc.abstractmethod
+    def save(self, data: dict[str, Any]) -> None:
+        """Replace the saved session with ``data``."""
+
+    @abc.abstractmethod
+    def clear(self) -> None:
+        """Forget the saved session (no error if there is none)."""
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """Where the session is kept, for ``status`` and ``doctor``."""
+
+
+class MemoryTokenStore(TokenStore):
+    """Keeps the session in this process only (nothing survives a restart)."""
+
+    def __init__(self) -> None:
+        self._data: dict[str, Any] | None = None
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved session, if any."""
+        return None if self._data is None else dict(self._data)
+
+    def save(self, data: dict[str, Any]) -> None:
+        """Keep a copy of ``data``."""
+        self._data = dict(data)
+
+    def clear(self) -> None:
+        """Forget the session."""
+        self._data = None
+
+    def describe(self) -> str:
+        """``"memory"``."""
+        return "memory"
+
+
+class FileTokenStore(TokenStore):
+    """A JSON file readable by its owner only (mode 0600 from the moment it exists).
+
+    Writes go to a temporary file created with mode 0600 in the same directory,
+    then :func:`os.replace` it over the old one: a crash leaves either the old or
+    the new session, never a torn or briefly world-readable file. On read, a file
+    that others may read is repaired to 0600 with a warning (its token may have
+    leaked: log in again to rotate it); one owned by another user, or that cannot
+    be repaired, is refused. On Windows the permission checks are skipped: the
+    file lives in the user's profile, protected by its ACLs.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved session; None if absent, unsafe or unreadable (logged)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | _O_NOFOLLOW)
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            logger.error("cannot open the token file %s: %s", self.path, error)
+            return None
+        with os.fdopen(fd, "rb") as handle:
+            if not self._permissions_safe(handle.fileno()):
+                return None
+            raw = handle.read(MAX_TOKEN_FILE_BYTES + 1)
+        return self._parse(raw)
+
+    def _permissions_safe(self, fd: int) -> bool:
+        if not _POSIX:
+            return True
+        info = os.fstat(fd)
+        if info.st_uid != os.getuid():
+            logger.error("refusing the token file %s: it belongs to another user", self.path)
+            return False
+        if info.st_mode & 0o077 == 0:
+            return True
+        logger.warning(
+            "token file %s was readable by others (mode %o); restricting it to 0600 "
+            "(log in again to rotate the session if others had access)",
+            self.path,
+            info.st_mode & 0o777,
+        )
+        try:
+            os.fchmod(fd, 0o600)
+        except OSError as error:
+            logger.error("refusing the token file %s: cannot make it private: %s", self.path, error)
+            return False
+        return True
+
+    def _parse(self, raw: bytes) -> dict[str, Any] | None:
+        if len(raw) > MAX_TOKEN_FILE_BYTES:
+            logger.error("ignoring the token file %s: too large", self.path)
+            return None
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            logger.error("ignoring the token file %s: not valid JSON", self.path)
+            return None
+        if not isinstance(data, dict):
+            logger.error("ignoring the token file %s: not a JSON object", self.path)
+            return None
+        return data
+
+    def save(self, data: dict[str, Any]) -> None:
+        """Atomically replace the file with ``data`` (mode 0600).
+
+        Raises:
+            OSError: the directory or file cannot be written.
+        """
+        payload = json.dumps(data, indent=2, sort_keys=True).encode()
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                if _POSIX:
+                    os.fchmod(handle.fileno(), 0o600)  # exactly 0600, whatever the umask
+                handle.write(payload)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+        _fsync_dir(self.path.parent)
+
+    def clear(self) -> None:
+        """Delete the file (no error if it is absent)."""
+        self.path.unlink(missing_ok=True)
+
+    def describe(self) -> str:
+        """The file's path."""
+        return str(self.path)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable; best effort (not every platform can open a dir)."""
+    if not _POSIX:
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class KeyringTokenStore(TokenStore):
+    """The OS credential store (macOS Keychain, Windows Credential Locker, Secret
+    Service on Linux) through the optional ``keyring`` package.
+
+    Raises:
+        RuntimeError: ``keyring`` is not installed or has no usable backend; see
+            :meth:`available`.
+    """
+
+    def __init__(self, service: str = "anisota-agent", username: str = "session") -> None:
+        module = _import_keyring()
+        if module is None:
+            raise RuntimeError("the OS keyring is not available (pip install keyring)")
+        self._keyring = module
+        self.service = service
+        self.username = username
+
+    @staticmethod
+    def available() -> bool:
+        """True when ``keyring`` is importable and has a real backend."""
+        return _import_keyring() is not None
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved session, or None (absent, unreadable or locked keyring)."""
+        try:
+            raw = self._keyring.get_password(self.service, self.username)
+        except Exception as error:  # keyring backends raise many kinds
+            logger.error("cannot read the session from the keyring: %s", type(error).__name__)
+            return None
+        if raw is None:
+            return None
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            logger.error("ignoring the keyring entry %s: not valid JSON", self.service)
+            return None
+        return data if isinstance(data, dict) else None
+
+    def save(self, data: dict[str, Any]) -> None:
+        """Store ``data`` as one JSON secret."""
+        self._keyring.set_password(self.service, self.username, json.dumps(data))
+
+    def clear(self) -> None:
+        """Delete the secret (no error if it is absent)."""
+        with contextlib.suppress(self._keyring.errors.PasswordDeleteError):
+            self._keyring.delete_password(self.service, self.username)
+
+    def describe(self) -> str:
+        """The keyring backend and service name."""
+        return f"keyring {type(self._keyring.get_keyring()).__name__} ({self.service})"
+
+
+def _import_keyring() -> ModuleType | None:
+    try:
+        module = importlib.import_module("keyring")
+    except ImportError:
+        return None
+    # keyring falls back to a backend that fails every call (no D-Bus session,
+    # no Secret Service): treat that as "no keyring".
+    try:
+        backend = module.get_keyring()
+    except Exception as error:  # a broken backend configuration
+        logger.warning("the OS keyring is unusable: %s", type(error).__name__)
+        return None
+    if type(backend).__module__.startswith("keyring.backends.fail"):
+        return None
+    return module
+
+
+# -- credentials ------------------------------------------------------------------
+
+
+class Credentials(abc.ABC):
+    """What the sync needs to write to one account's repo.
+
+    Attributes:
+        did: the account's DID (the ``repo`` of every write).
+        pds_url: the PDS to write to.
+        kind: ``"app_password"`` or ``"host"``.
+    """
+
+    kind: ClassVar[str]
+    did: str
+    pds_url: str
+    _transport: httpx.BaseTransport | None = None
+
+    @abc.abstractmethod
+    def httpx_auth(self) -> httpx.Auth:
+        """The :class:`httpx.Auth` that adds the access token to each request."""
+
+    @abc.abstractmethod
+    def refresh(self) -> None:
+        """Get a fresh access token now.
+
+        Raises:
+            ExpiredToken, InvalidToken: the session is revoked or expired; the
+                player must log in again (do not retry).
+            NetworkError, ServerError: try again later.
+        """
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """A one-line summary without secrets: kind, handle, DID, PDS."""
+
+    def client(
+        self,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        timeout: float = 10.0,
+        on_response: OnResponse | None = None,
+    ) -> XrpcClient:
+        """An :class:`XrpcClient` for :attr:`pds_url` authenticated by these credentials."""
+        return XrpcClient(
+            self.pds_url,
+            auth=self.httpx_auth(),
+            transport=transport if transport is not None else self._transport,
+            timeout=timeout,
+            on_response=on_response,
+        )
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most credentials hold nothing
+        """Release any connection the credentials hold."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.describe()}>"
+
+
+class AppPasswordSession(Credentials):
+    """An app-password (``createSession``) session.
+
+    Use :meth:`login` the first time and :meth:`from_store` afterwards. The
+    access JWT lives in memory only; the refresh JWT, DID, handle and PDS URL are
+    saved in the token store after login and after every refresh (refresh
+    tokens rotate). A session whose refresh token the server revoked stays
+    dead: every later call fails at once with the same error, without touching
+    the network, until the player logs in again.
+
+    Args:
+        pds_url: the PDS (https, or http to a loopback host).
+        did, handle: the account.
+        refresh_jwt: the refresh token.
+        token_store: where to persist rotated refresh tokens (None: nowhere).
+        access_jwt: a current access token, if known (else the first request
+            refreshes).
+        transport, timeout, on_response: for the session's own login, refresh
+            and logout requests, as in :class:`XrpcClient`.
+    """
+
+    kind = "app_password"
+
+    def __init__(
+        self,
+        pds_url: str,
+        did: str,
+        handle: str,
+        refresh_jwt: str,
+        *,
+        token_store: TokenStore | None = None,
+        access_jwt: str | None = None,
+        transport: httpx.BaseTransport | None = None,
+        timeout: float = DEFAULT_AUTH_TIMEOUT,
+        on_response: OnResponse | None = None,
+    ) -> None:
+        self.pds_url = check_pds_url(pds_url)
+        self.did = did
+        self.handle = handle
+        self._refresh_jwt = refresh_jwt
+        self._access_jwt = access_jwt
+        self._store = token_store
+        self._transport = transport
+        self._timeout = timeout
+        self._on_response = on_response
+        self._lock = threading.Lock()
+        self._dead: XrpcError | None = None
+        self._http: XrpcClient | None = None
+        self._auth = _SessionAuth(self)
+
+    # -- construction -------------------------------------------------------------
+
+    @classmethod
+    def login(
+        cls,
+        pds_url: str,
+        identifier: str,
+        password: str,
+        token_store: TokenStore | None,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        timeout: float = DEFAULT_AUTH_TIMEOUT,
+        on_response: OnResponse | None = None,
+    ) -> AppPasswordSession:
+        """Log in with a handle (or email) and an app password; save the session.
+
+        The password is sent once and never kept or stored.
+
+        Raises:
+            ValueError: ``pds_url`` is not https (nor http to loopback).
+            InvalidToken: wrong identifier or password (401 ``AuthenticationRequired``).
+            AccountUnavailable: the account is taken down.
+            RateLimited, NetworkError, ServerError: try again later.
+            OSError: the token store cannot be written.
+        """
+        url = check_pds_url(pds_url)
+        with XrpcClient(url, transport=transport, timeout=timeout, on_response=on_response) as http:
+            answer = http.create_session(identifier, password)
+        did, handle, access_jwt, refresh_jwt = _session_fields(answer)
+        session = cls(
+            url,
+            did,
+            handle,
+            refresh_jwt,
+            token_store=token_store,
+            access_jwt=access_jwt,
+            transport=transport,
+            timeout=timeout,
+            on_response=on_response,
+        )
+        if token_store is not None:
+            try:
+                token_store.save(session._stored_form())
+            except OSError:
+                # Nobody could resume or log out this session: revoke it now.
+                session._revoke(session._forget())
+                session.close()
+                raise
+        logger.info("logged in as %s (%s) at %s", handle, did, url)
+        return session
+
+    @classmethod
+    def from_store(
+        cls,
+        token_store: TokenStore,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        timeout: float = DEFAULT_AUTH_TIMEOUT,
+        on_response: OnResponse | None = None,
+    ) -> AppPasswordSession | None:
+        """The saved session, or None if there is none (or it is unusable, logged).
+
+        No request is made here: the first authenticated request refreshes.
+        """
+        data = token_store.load()
+        if data is None:
+            return None
+        fields = _stored_fields(data)
+        if fields is None:
+            logger.warning(
+                "ignoring the saved session in %s: unknown format", token_store.describe()
+            )
+            return None
+        pds_url, did, handle, refresh_jwt = fields
+        try:
+            return cls(
+                pds_url,
+                did,
+                handle,
+                refresh_jwt,
+                token_store=token_store,
+                transport=transport,
+                timeout=timeout,
+                on_response=on_response,
+            )
+        except ValueError as error:
+            logger.warning("ignoring the saved session: %s", error)
+            return None
+
+    # -- Credentials ---------------------------------------------------------------
+
+    def httpx_auth(self) -> httpx.Auth:
+        """Adds ``Authorization: Bearer <access JWT>``; on 400 ``ExpiredToken`` it
+        refreshes once (single flight) and resends the request once."""
+        return self._auth
+
+    def refresh(self) -> None:
+        """``refreshSession`` now, and save the rotated refresh token.
+
+        Raises:
+            ExpiredToken: the refresh token is revoked or expired (400
+                ``ExpiredToken`` "Token has been revoked"); the session is dead.
+            InvalidToken: the server does not accept the refresh token at all.
+            AccountUnavailable: the account is taken down (401 ``AccountTakedown``).
+            NetworkError, ServerError, RateLimited: try again later.
+        """
+        with self._lock:
+            self._refresh_locked()
+
+    def describe(self) -> str:
+        """``app_password <handle> (<did>) at <pds_url>``, plus ``[revoked]`` if dead."""
+        state = " [revoked: log in again]" if self._dead is not None else ""
+        return f"app_password {self.handle} ({self.did}) at {self.pds_url}{state}"
+
+    @property
+    def revoked(self) -> bool:
+        """True once the server refused the refresh token (or after :meth:`logout`)."""
+        return self._dead is not None
+
+    def logout(self) -> None:
+        """Revoke the session on the server (best effort) and forget it locally.
+
+        The stored token is deleted even when the server cannot be reached.
+        """
+        try:
+            self._revoke(self._forget())
+        finally:
+            if self._store is not None:
+                self._store.clear()
+            self.close()
+        logger.info("logged out %s (%s)", self.handle, self.did)
+
+    def _forget(self) -> str:
+        """Drop the tokens from memory; returns the refresh JWT for revocation."""
+        with self._lock:
+            refresh_jwt, self._refresh_jwt = self._refresh_jwt, ""
+            self._access_jwt = None
+            self._dead = InvalidToken("logged out")
+        return refresh_jwt
+
+    def _revoke(self, refresh_jwt: str) -> None:
+        """``deleteSession``, best effort: the session is forgotten locally anyway."""
+        if not refresh_jwt:
+            return
+        try:
+            self._client().delete_session(refresh_jwt)
+        except XrpcError as error:
+            logger.warning("logout: the PDS did not confirm (%s); forgetting the session", error)
+
+    def close(self) -> None:
+        """Close the connection used for refreshes."""
+        http, self._http = self._http, None
+        if http is not None:
+            http.close()
+
+    # -- tokens -------------------------------------------------------------------------
+
+    def _fresh_access(self, failed: str | None) -> str:
+        """The access token to send: the current one unless it is ``failed`` (or
+        there is none); else refresh, once for all the threads waiting here."""
+        with self._lock:
+            if self._dead is None and self._access_jwt is not None and self._access_jwt != failed:
+                return self._access_jwt
+            self._refresh_locked()
+            assert self._access_jwt is not None
+            return self._access_jwt
+
+    def _refresh_locked(self) -> None:
+        if self._dead is not None:
+            raise _replay(self._dead)
+        try:
+            answer = self._client().refresh_session(self._refresh_jwt)
+        except (ExpiredToken, InvalidToken) as error:
+            # Revoked or expired: retrying cannot help, so fail fast from now on.
+            self._access_jwt = None
+            self._dead = error
+            logger.warning("the PDS ended the session of %s (%s): log in again", self.did, error)
+            raise
+        did, handle, access_jwt, refresh_jwt = _session_fields(answer)
+        if did != self.did:
+            raise InvalidToken(f"refreshSession answered for another account ({did})")
+        self.handle, self._access_jwt, self._refresh_jwt = handle, access_jwt, refresh_jwt
+        logger.debug("refreshed the session of %s", did)
+        self._persist()
+
+    def _persist(self) -> None:
+        if self._store is None:
+            return
+        try:
+            self._store.save(self._stored_form())
+        except OSError as error:
+            # The session still works in memory; the next process may need a login.
+            logger.error(
+                "cannot save the refreshed session to %s: %s", self._store.describe(), error
+            )
+
+    def _stored_form(self) -> dict[str, Any]:
+        return {
+            "version": STORE_FORMAT,
+            "kind": self.kind,
+            "pds_url": self.pds_url,
+            "did": self.did,
+            "handle": self.handle,
+            "refresh_jwt": self._refresh_jwt,
+        }
+
+    def _client(self) -> XrpcClient:
+        if self._http is None:
+            self._http = XrpcClient(
+                self.pds_url,
+                transport=self._transport,
+                timeout=self._timeout,
+                on_response=self._on_response,
+            )
+        return self._http
+
+
+class _SessionAuth(httpx.Auth):
+    """Bearer auth for an :class:`AppPasswordSession`, with one refresh on expiry.
+
+    For synchronous clients: a refresh blocks the calling thread.
+    """
+
+    requires_response_body = True  # the error name is in the body
+
+    def __init__(self, session: AppPasswordSession) -> None:
+        self._session = session
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        token = self._session._fresh_access(failed=None)
+        request.headers["Authorization"] = f"Bearer {token}"
+        response = yield request
+        if not _is_expired_token(response):
+            return
+        # Exactly one refresh and one resend: a second ExpiredToken goes back to
+        # the caller as an error, so a skewed clock cannot cause a loop.
+        token = self._session._fresh_access(failed=token)
+        request.headers["Authorization"] = f"Bearer {token}"
+        yield request
+
+
+def _is_expired_token(response: httpx.Response) -> bool:
+    if response.status_code not in (400, 401):
+        return False
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and body.get("error") == "ExpiredToken"
+
+
+def _replay(error: XrpcError) -> XrpcError:
+    """A fresh copy of a stored error (re-raising one instance grows its traceback)."""
+    return type(error)(
+        error.message,
+        status=error.status,
+        error=error.error,
+        headers=error.headers,
+        nsid=error.nsid,
+    )
+
+
+def _session_fields(answer: dict[str, Any]) -> tuple[str, str, str, str]:
+    """``(did, handle, accessJwt, refreshJwt)`` of a createSession/refreshSession answer."""
+    fields = tuple(answer.get(key) for key in ("did", "handle", "accessJwt", "refreshJwt"))
+    if not all(isinstance(value, str) and value for value in fields):
+        raise ServerError("the PDS answered a session without did, handle or tokens")
+    did, handle, access_jwt, refresh_jwt = (str(value) for value in fields)
+    return did, handle, access_jwt, refresh_jwt
+
+
+def _stored_fields(data: dict[str, Any]) -> tuple[str, str, str, str] | None:
+    """``(pds_url, did, handle, refresh_jwt)`` of a saved session, or None."""
+    if data.get("version") != STORE_FORMAT or data.get("kind") != AppPasswordSession.kind:
+        return None
+    fields = tuple(data.get(key) for key in ("pds_url", "did", "handle", "refresh_jwt"))
+    if not all(isinstance(value, str) and value for value in fields):
+        return None
+    pds_url, did, handle, refresh_jwt = (str(value) for value in fields)
+    return pds_url, did, handle, refresh_jwt
+
+
+class HostAuth(Credentials):
+    """Credentials the host game owns, such as its atproto OAuth + DPoP session.
+
+    The agent sends its requests through ``auth`` and never sees a token. The
+    host's auth flow is responsible for attaching the token, answering DPoP
+    nonce challenges and refreshing as it needs.
+
+    :meth:`refresh` cannot do anything the host has not offered: it calls
+    ``on_refresh`` if the host gave one, and otherwise raises
+    :class:`InvalidToken`, so that the sync stops and reports instead of
+    retrying credentials it cannot renew. The host then hands the agent new
+    credentials.
+
+    Args:
+        auth: signs each request (it may send extra requests, e.g. for a nonce).
+        did: the account whose repo the agent writes.
+        pds_url: that account's PDS.
+        handle: for display only.
+        on_refresh: the host's own "refresh now", called by :meth:`refresh`.
+    """
+
+    kind = "host"
+
+    def __init__(
+        self,
+        auth: httpx.Auth,
+        did: str,
+        pds_url: str,
+        *,
+        handle: str | None = None,
+        on_refresh: Callable[[], None] | None = None,
+    ) -> None:
+        if not isinstance(auth, httpx.Auth):
+            raise TypeError(f"auth must be an httpx.Auth, not {type(auth).__name__}")
+        if not isinstance(did, str) or not did.startswith("did:"):
+            raise ValueError(f"did must be a DID (did:plc:..., did:web:...); got {did!r}")
+        self._auth = auth
+        self.did = did
+        self.pds_url = check_pds_url(pds_url)
+        self.handle = handle
+        self._on_refresh = on_refresh
+
+    def httpx_auth(self) -> httpx.Auth:
+        """The host's auth, unchanged."""
+        return self._auth
+
+    def refresh(self) -> None:
+        """Ask the host to refresh (``on_refresh``), else raise :class:`InvalidToken`.
+
+        Raises:
+            InvalidToken: no ``on_refresh`` was given, or it failed.
+        """
+        if self._on_refresh is None:
+            raise InvalidToken("the host owns these credentials: it must renew them")
+        try:
+            self._on_refresh()
+        except XrpcError:
+            raise
+        except Exception as error:
+            raise InvalidToken(f"the host's refresh failed: {type(error).__name__}") from error
+
+    def describe(self) -> str:
+        """``host <handle> (<did>) at <pds_url>``."""
+        name = f"{self.handle} " if self.handle else ""
+        return f"host {name}({self.did}) at {self.pds_url}"

@@ -1,0 +1,534 @@
+"""Credentials and token stores: app-password sessions against the real PDS.
+
+Logins, refreshes, revocation, deactivation and logout all run against the
+reference PDS; requests are counted with a real transport that tallies XRPC
+methods, to prove "exactly one refresh" and "no retry loop".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import sys
+import threading
+import types
+from collections import Counter
+from collections.abc import Generator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pds_harness import SESSION_COLLECTION, Account, PdsServer
+
+from anisota_agent.auth import (
+    AppPasswordSession,
+    FileTokenStore,
+    HostAuth,
+    KeyringTokenStore,
+    MemoryTokenStore,
+)
+from anisota_agent.clock import TidGenerator
+from anisota_agent.xrpc import (
+    AccountUnavailable,
+    ExpiredToken,
+    InvalidToken,
+    NetworkError,
+)
+
+TIDS = TidGenerator()
+REFRESH = "com.atproto.server.refreshSession"
+PUT = "com.atproto.repo.putRecord"
+
+
+class CountingTransport(httpx.HTTPTransport):
+    """The real network transport, counting requests by XRPC method."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        with self._lock:
+            self.calls[request.url.path.removeprefix("/xrpc/")] += 1
+        return super().handle_request(request)
+
+
+class Bearer(httpx.Auth):
+    """A host's own auth, reduced to a fixed token."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["Authorization"] = f"Bearer {self.token}"
+        yield request
+
+
+def record() -> dict[str, Any]:
+    return {
+        "$type": SESSION_COLLECTION,
+        "startedAt": "2026-11-24T10:00:00.000Z",
+        "status": "active",
+        "platform": "desktop",
+        "clientVersion": "1.0",
+    }
+
+
+def put(session: AppPasswordSession | HostAuth, transport: httpx.BaseTransport) -> str:
+    """Write one record through ``session``; returns its rkey."""
+    rkey = TIDS.next()
+    with session.client(transport=transport) as xrpc:
+        xrpc.put_record(session.did, SESSION_COLLECTION, rkey, record())
+    return rkey
+
+
+@pytest.fixture
+def counting() -> Iterator[CountingTransport]:
+    with CountingTransport() as transport:
+        yield transport
+
+
+@pytest.fixture
+def token_file(tmp_path: Path) -> Path:
+    return tmp_path / "auth" / "session.json"
+
+
+def expired_session(
+    pds: PdsServer, account: Account, transport: httpx.BaseTransport, **kwargs: Any
+) -> AppPasswordSession:
+    """A session whose access token expired a minute ago (its refresh token is live)."""
+    return AppPasswordSession(
+        pds.url,
+        account.did,
+        account.handle,
+        account.refresh_jwt,
+        access_jwt=pds.mint_expired_access_token(account),
+        transport=transport,
+        **kwargs,
+    )
+
+
+# -- app-password sessions against the real PDS ------------------------------------------
+
+
+def test_login_keeps_only_the_refresh_token_on_disk(
+    pds: PdsServer, account: Account, token_file: Path, counting: CountingTransport
+) -> None:
+    session = AppPasswordSession.login(
+        pds.url, account.handle, account.password, FileTokenStore(token_file), transport=counting
+    )
+    assert (session.did, session.handle, session.pds_url) == (account.did, account.handle, pds.url)
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(token_file.parent.stat().st_mode) == 0o700
+    raw = token_file.read_text()
+    saved = json.loads(raw)
+    assert set(saved) == {"version", "kind", "pds_url", "did", "handle", "refresh_jwt"}
+    assert saved["did"] == account.did and saved["pds_url"] == pds.url
+    assert account.password not in raw
+    assert session._access_jwt is not None and session._access_jwt not in raw
+    assert [p.name for p in token_file.parent.iterdir()] == ["session.json"]  # no temp file
+
+    rkey = put(session, counting)
+    assert pds.get_record(account, SESSION_COLLECTION, rkey) is not None
+    assert counting.calls == {"com.atproto.server.createSession": 1, PUT: 1}
+    for text in (session.describe(), repr(session)):
+        assert account.handle in text and account.did in text
+        assert saved["refresh_jwt"] not in text and session._access_jwt not in text
+
+
+def test_wrong_password_stores_nothing(pds: PdsServer, account: Account, token_file: Path) -> None:
+    with pytest.raises(InvalidToken) as caught:
+        AppPasswordSession.login(pds.url, account.handle, "wrong", FileTokenStore(token_file))
+    assert (caught.value.status, caught.value.error) == (401, "AuthenticationRequired")
+    assert not token_file.exists()
+
+
+def test_from_store_refreshes_on_first_use(
+    pds: PdsServer, account: Account, token_file: Path, counting: CountingTransport
+) -> None:
+    store = FileTokenStore(token_file)
+    AppPasswordSession.login(pds.url, account.handle, account.password, store).close()
+    first_refresh = json.loads(token_file.read_text())["refresh_jwt"]
+
+    resumed = AppPasswordSession.from_store(store, transport=counting)
+    assert resumed is not None and resumed.did == account.did
+    assert counting.calls == {}  # nothing until the first request
+    put(resumed, counting)
+    put(resumed, counting)
+    assert counting.calls == {REFRESH: 1, PUT: 2}
+    rotated = json.loads(token_file.read_text())["refresh_jwt"]
+    assert rotated != first_refresh  # refresh tokens rotate; the new one is saved
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+
+
+def test_expired_access_token_refreshes_exactly_once(
+    pds: PdsServer, account: Account, counting: CountingTransport
+) -> None:
+    seen: list[str] = []
+    store = MemoryTokenStore()
+    session = expired_session(
+        pds,
+        account,
+        counting,
+        token_store=store,
+        on_response=lambda _ms, out: seen.append(out),
+    )
+    rkey = put(session, counting)
+    assert counting.calls == {PUT: 2, REFRESH: 1}  # expired, refresh, resend
+    assert pds.get_record(account, SESSION_COLLECTION, rkey) is not None
+    saved = store.load()
+    assert saved is not None and saved["refresh_jwt"] != account.refresh_jwt
+    assert seen == ["ok"]  # the session's own refresh request
+    put(session, counting)
+    assert counting.calls == {PUT: 3, REFRESH: 1}
+
+
+def test_concurrent_expiry_is_refreshed_once(
+    pds: PdsServer, account: Account, counting: CountingTransport
+) -> None:
+    session = expired_session(pds, account, counting)
+    start = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def write(xrpc: Any) -> None:
+        start.wait()
+        try:
+            xrpc.put_record(account.did, SESSION_COLLECTION, TIDS.next(), record())
+        except BaseException as error:
+            errors.append(error)
+
+    with session.client(transport=counting) as xrpc:
+        threads = [threading.Thread(target=write, args=(xrpc,)) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    assert errors == []
+    assert counting.calls[REFRESH] == 1
+    assert len(pds.list_records(account)) == 4
+
+
+def test_revoked_refresh_token_stops_without_a_loop(
+    pds: PdsServer, account: Account, counting: CountingTransport
+) -> None:
+    pds.revoke_refresh(account)
+    session = expired_session(pds, account, counting)
+    with pytest.raises(ExpiredToken) as caught:
+        put(session, counting)
+    error = caught.value
+    assert (error.status, error.error, error.message) == (
+        400,
+        "ExpiredToken",
+        "Token has been revoked",
+    )
+    assert error.nsid == REFRESH and not error.ambiguous
+    assert counting.calls == {PUT: 1, REFRESH: 1}
+    assert session.revoked and "revoked" in session.describe()
+
+    # Dead from now on: fails at once, without a single request.
+    with pytest.raises(ExpiredToken):
+        put(session, counting)
+    with pytest.raises(ExpiredToken):
+        session.refresh()
+    assert counting.calls == {PUT: 1, REFRESH: 1}
+
+
+def test_revoked_refresh_from_store_sends_no_write(
+    pds: PdsServer, account: Account, counting: CountingTransport
+) -> None:
+    store = MemoryTokenStore()
+    AppPasswordSession(
+        pds.url, account.did, account.handle, account.refresh_jwt, token_store=store
+    )._persist()
+    pds.revoke_refresh(account)
+    session = AppPasswordSession.from_store(store, transport=counting)
+    assert session is not None
+    with pytest.raises(ExpiredToken):
+        session.refresh()
+    with pytest.raises(ExpiredToken):
+        put(session, counting)
+    assert counting.calls == {REFRESH: 1}
+
+
+def test_deactivated_account_cannot_write(
+    pds: PdsServer, account: Account, counting: CountingTransport
+) -> None:
+    session = AppPasswordSession.login(
+        pds.url, account.handle, account.password, None, transport=counting
+    )
+    pds.deactivate(account)
+    with pytest.raises(AccountUnavailable) as caught:
+        put(session, counting)
+    assert (caught.value.status, caught.value.error) == (401, "AccountDeactivated")
+    assert counting.calls[REFRESH] == 0 and not session.revoked
+    session.refresh()  # a deactivated account can still refresh (and reactivate)
+
+
+def test_taken_down_account_fails_refresh(
+    pds: PdsServer, account: Account, counting: CountingTransport
+) -> None:
+    pds.takedown(account)
+    session = expired_session(pds, account, counting)
+    with pytest.raises(AccountUnavailable) as caught:
+        put(session, counting)
+    assert (caught.value.status, caught.value.error) == (401, "AccountTakedown")
+    assert counting.calls == {PUT: 1, REFRESH: 1}
+
+
+def test_logout_revokes_and_forgets(pds: PdsServer, account: Account, token_file: Path) -> None:
+    store = FileTokenStore(token_file)
+    session = AppPasswordSession.login(pds.url, account.handle, account.password, store)
+    refresh_jwt = json.loads(token_file.read_text())["refresh_jwt"]
+    session.logout()
+    assert not token_file.exists()
+    answer = pds.xrpc("POST", REFRESH, token=refresh_jwt)
+    assert (answer.status_code, answer.json()["error"]) == (400, "ExpiredToken")
+    assert session.revoked
+    with pytest.raises(InvalidToken), session.client() as xrpc:
+        xrpc.get_session()
+
+
+def test_logout_offline_still_forgets(
+    pds: PdsServer, account: Account, token_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = FileTokenStore(token_file)
+    AppPasswordSession.login(pds.url, account.handle, account.password, store).close()
+
+    def offline(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("network unreachable", request=request)
+
+    session = AppPasswordSession.from_store(store, transport=httpx.MockTransport(offline))
+    assert session is not None
+    with caplog.at_level(logging.WARNING, logger="anisota_agent"):
+        session.logout()
+    assert not token_file.exists()
+    assert "did not confirm" in caplog.text
+
+
+def test_refresh_offline_is_a_network_error(pds: PdsServer, account: Account) -> None:
+    def offline(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectTimeout("timed out", request=request)
+
+    session = AppPasswordSession(
+        pds.url,
+        account.did,
+        account.handle,
+        account.refresh_jwt,
+        transport=httpx.MockTransport(offline),
+    )
+    with pytest.raises(NetworkError):
+        session.refresh()
+    assert not session.revoked  # a later try may succeed
+
+
+def test_no_secret_is_logged(
+    pds: PdsServer, account: Account, token_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = FileTokenStore(token_file)
+    with caplog.at_level(logging.DEBUG):
+        session = AppPasswordSession.login(pds.url, account.handle, account.password, store)
+        access = session._access_jwt
+        session.refresh()
+        refreshed = json.loads(token_file.read_text())["refresh_jwt"]
+        session.logout()
+    assert caplog.records  # something was logged
+    for secret in (account.password, access, refreshed, account.refresh_jwt):
+        assert secret and secret not in caplog.text
+
+
+def test_plain_http_to_a_remote_pds_is_refused(tmp_path: Path) -> None:
+    def never(request: httpx.Request) -> httpx.Response:
+        raise AssertionError("no request may be sent")
+
+    transport = httpx.MockTransport(never)
+    with pytest.raises(ValueError, match="https"):
+        AppPasswordSession.login(
+            "http://pds.example.com", "me.test", "pw", None, transport=transport
+        )
+    store = MemoryTokenStore()
+    store.save(
+        {
+            "version": 1,
+            "kind": "app_password",
+            "pds_url": "http://pds.example.com",
+            "did": "did:plc:x",
+            "handle": "me.test",
+            "refresh_jwt": "r",
+        }
+    )
+    assert AppPasswordSession.from_store(store, transport=transport) is None
+    with pytest.raises(ValueError):
+        HostAuth(Bearer("t"), "did:plc:x", "http://pds.example.com")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {},
+        {"version": 2, "kind": "app_password", "pds_url": "https://p", "did": "d", "handle": "h"},
+        {"version": 1, "kind": "oauth", "pds_url": "https://p", "did": "d", "handle": "h"},
+        {"version": 1, "kind": "app_password", "pds_url": "https://p", "did": "d", "handle": "h"},
+    ],
+)
+def test_from_store_ignores_unknown_data(data: dict[str, Any]) -> None:
+    store = MemoryTokenStore()
+    assert AppPasswordSession.from_store(store) is None
+    store.save(data)
+    assert AppPasswordSession.from_store(store) is None
+
+
+# -- host-supplied auth ---------------------------------------------------------------------
+
+
+def test_host_auth_writes_with_the_hosts_auth(
+    pds: PdsServer, account: Account, counting: CountingTransport
+) -> None:
+    host = HostAuth(Bearer(account.access_jwt), account.did, pds.url, handle=account.handle)
+    rkey = put(host, counting)
+    assert pds.get_record(account, SESSION_COLLECTION, rkey) is not None
+    assert host.describe() == f"host {account.handle} ({account.did}) at {pds.url}"
+    assert account.access_jwt not in repr(host)
+
+
+def test_host_auth_refresh_belongs_to_the_host() -> None:
+    bare = HostAuth(Bearer("t"), "did:plc:x", "https://pds.example.com")
+    with pytest.raises(InvalidToken, match="host"):
+        bare.refresh()
+
+    calls: list[str] = []
+    host = HostAuth(
+        Bearer("t"), "did:plc:x", "https://pds.example.com", on_refresh=lambda: calls.append("r")
+    )
+    host.refresh()
+    assert calls == ["r"]
+
+    def broken() -> None:
+        raise OSError("oauth server unreachable")
+
+    failing = HostAuth(Bearer("t"), "did:plc:x", "https://pds.example.com", on_refresh=broken)
+    with pytest.raises(InvalidToken) as caught:
+        failing.refresh()
+    assert isinstance(caught.value.__cause__, OSError)
+    with pytest.raises(ValueError):
+        HostAuth(Bearer("t"), "alice.test", "https://pds.example.com")
+    with pytest.raises(TypeError):
+        HostAuth("token", "did:plc:x", "https://pds.example.com")  # type: ignore[arg-type]
+
+
+# -- token stores ---------------------------------------------------------------------------
+
+DATA = {"version": 1, "kind": "app_password", "refresh_jwt": "secret"}
+
+
+def test_file_store_round_trip_atomic_and_private(token_file: Path) -> None:
+    store = FileTokenStore(token_file)
+    assert store.load() is None
+    old_umask = os.umask(0)  # even a permissive umask must not widen the file
+    try:
+        store.save(DATA)
+        store.save(DATA | {"handle": "h"})
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert store.load() == DATA | {"handle": "h"}
+    assert [p.name for p in token_file.parent.iterdir()] == ["session.json"]
+    store.clear()
+    store.clear()
+    assert store.load() is None and not token_file.exists()
+    assert store.describe() == str(token_file)
+
+
+def test_file_store_repairs_a_readable_file(
+    token_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    token_file.parent.mkdir()
+    token_file.write_text(json.dumps(DATA))
+    token_file.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="anisota_agent"):
+        assert FileTokenStore(token_file).load() == DATA
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert "readable by others" in caplog.text and "secret" not in caplog.text
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"x" * 70_000])
+def test_file_store_ignores_garbage(
+    token_file: Path, content: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    token_file.parent.mkdir()
+    token_file.write_bytes(content)
+    token_file.chmod(0o600)
+    with caplog.at_level(logging.ERROR, logger="anisota_agent"):
+        assert FileTokenStore(token_file).load() is None
+    assert "ignoring the token file" in caplog.text
+
+
+def test_file_store_refuses_a_symlink(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere.json"
+    target.write_text(json.dumps(DATA))
+    target.chmod(0o600)
+    link = tmp_path / "session.json"
+    link.symlink_to(target)
+    assert FileTokenStore(link).load() is None
+
+
+def test_keyring_store_with_a_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    secrets: dict[tuple[str, str], str] = {}
+
+    class PasswordDeleteError(Exception):
+        pass
+
+    class Backend:
+        pass
+
+    fake = types.ModuleType("keyring")
+    fake.errors = types.SimpleNamespace(PasswordDeleteError=PasswordDeleteError)  # type: ignore[attr-defined]
+    fake.get_keyring = Backend  # type: ignore[attr-defined]
+    fake.get_password = lambda s, u: secrets.get((s, u))  # type: ignore[attr-defined]
+    fake.set_password = lambda s, u, p: secrets.__setitem__((s, u), p)  # type: ignore[attr-defined]
+
+    def delete_password(service: str, username: str) -> None:
+        if secrets.pop((service, username), None) is None:
+            raise PasswordDeleteError
+
+    fake.delete_password = delete_password  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "keyring", fake)
+
+    assert KeyringTokenStore.available()
+    store = KeyringTokenStore("anisota-test")
+    assert store.load() is None
+    store.save(DATA)
+    assert json.loads(secrets[("anisota-test", "session")]) == DATA
+    assert store.load() == DATA
+    store.clear()
+    store.clear()
+    assert store.load() is None
+
+
+def test_keyring_store_without_keyring(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "keyring", None)  # import keyring -> ImportError
+    assert not KeyringTokenStore.available()
+    with pytest.raises(RuntimeError, match="keyring"):
+        KeyringTokenStore()
+
+
+def test_login_that_cannot_be_saved_is_revoked(
+    pds: PdsServer, account: Account, counting: CountingTransport
+) -> None:
+    attempted: list[dict[str, Any]] = []
+
+    class ReadOnlyStore(MemoryTokenStore):
+        def save(self, data: dict[str, Any]) -> None:
+            attempted.append(data)
+            raise PermissionError("read-only file system")
+
+    with pytest.raises(PermissionError):
+        AppPasswordSession.login(
+            pds.url, account.handle, account.password, ReadOnlyStore(), transport=counting
+        )
+    assert counting.calls["com.atproto.server.deleteSession"] == 1
+    answer = pds.xrpc("POST", REFRESH, token=attempted[0]["refresh_jwt"])
+    assert (answer.status_code, answer.json()["message"]) == (400, "Token has been revoked")
