@@ -11,6 +11,7 @@ import atexit
 import logging
 import os
 import threading
+import weakref
 from collections import Counter
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -88,6 +89,19 @@ class AgentStatus(NamedTuple):
     last_sync_at: float | None
     next_sync_at: float | None
     sync_error: str | None
+
+
+#: Every agent of this process, so a forked child can reset them all.
+_AGENTS: weakref.WeakSet[Agent] = weakref.WeakSet()
+
+
+def _reset_agents_in_child() -> None:
+    for agent in list(_AGENTS):
+        agent._forget_parent()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_agents_in_child)
 
 
 def tracking_disabled_by_env() -> bool:
@@ -169,11 +183,8 @@ class Agent:
         self._clock = clock or SystemClock()
         self._mono = self._clock.monotonic_ns
         self._wall = self._clock.wall_ns
-        self._network = NetworkMonitor(
-            now=self._mono_s,
-            slow_threshold_ms=check_seconds("slow_threshold_ms", slow_threshold_ms, 1, 600_000),
-            on_change=self._on_network_change,
-        )
+        self._slow_threshold_ms = check_seconds("slow_threshold_ms", slow_threshold_ms, 1, 600_000)
+        self._network = self._new_network_monitor()
         self._tids = TidGenerator(clock=self._clock)
         self._lock = threading.Lock()
         self._session: SessionState | None = None
@@ -191,6 +202,8 @@ class Agent:
         self._auth_request: AuthRequest | None = None
         self._owner_token = os.urandom(16).hex()
         self._worker: Worker | None = None
+        self._restart_in_child = False
+        _AGENTS.add(self)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -222,6 +235,35 @@ class Agent:
             self._worker.start()
             atexit.register(self.close)
         return self
+
+    def _forget_parent(self) -> None:
+        """In a forked child: nothing of the parent's worker, session or connections.
+
+        The parent's lock may have been held by one of its threads at the fork, and
+        its worker thread does not exist here: start over with fresh state. The
+        child's first ``start_session`` starts its own worker (and store
+        connection). A saved app-password login is resumed from its file; a host's
+        own ``use_auth`` is not carried over (its single-use refresh tokens must
+        not be shared between processes).
+        """
+        self._lock = threading.Lock()
+        self._restart_in_child = self._worker is not None and not self._stopping
+        self._worker = None
+        self._stopping = False
+        self._close_deadline = None
+        self._session = None
+        self._resumable = None
+        self._finished = []
+        self._waiters = []
+        self._dirty = False
+        self._purge = False
+        self._auth_request = None
+        self._dropped = Counter()
+        self._dropped_total = Counter()
+        LIVE_OWNER_TOKENS.discard(self._owner_token)
+        self._owner_token = os.urandom(16).hex()
+        self._tids = TidGenerator(clock=self._clock)  # a new random clock id
+        self._network = self._new_network_monitor()
 
     def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> bool:
         """End the session as ``app_close``, checkpoint it, and stop the worker.
@@ -256,6 +298,20 @@ class Agent:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+    async def __aenter__(self) -> Agent:
+        return self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        import asyncio
+
+        # close() waits (boundedly) for the worker: not on the event loop's thread.
+        await asyncio.to_thread(self.close)
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Ask the worker for a round now and wait for it (blocks the caller).
@@ -373,6 +429,9 @@ class Agent:
         )
         if not self.enabled:
             return None
+        if self._restart_in_child:
+            self._restart_in_child = False
+            self.start()
         with self._lock:
             if self._session is not None:
                 logger.warning("start_session while %s is active: ending it", self._session.rkey)
@@ -676,6 +735,17 @@ class Agent:
             self._dirty = False
             self._purge = False
         return work
+
+    def _new_network_monitor(self) -> NetworkMonitor:
+        # Probes back off from 1 s to at most 3 s while the PDS is unreachable,
+        # so a restored link is noticed (and the queue synced) within 5 s.
+        return NetworkMonitor(
+            now=self._mono_s,
+            slow_threshold_ms=self._slow_threshold_ms,
+            probe_min_interval=1.0,
+            probe_max_interval=3.0,
+            on_change=self._on_network_change,
+        )
 
     def _mono_s(self) -> float:
         return self._mono() / 1e9

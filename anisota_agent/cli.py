@@ -5,16 +5,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
+    from .auth import TokenStore
     from .store import Store
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+PASSWORD_ENV = "ANISOTA_AGENT_PASSWORD"
+#: Datetimes in records come from this machine's clock; more skew than this is
+#: worth fixing (the PDS's Date header has 1 s resolution).
+MAX_CLOCK_SKEW = 30.0
 
 
 class CliError(Exception):
@@ -68,6 +74,13 @@ def _parser() -> argparse.ArgumentParser:
     purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     demo = command("demo", _demo, "play a short simulated game session end to end")
     demo.add_argument("--seconds", type=float, default=2.0, help="how long to play (default 2)")
+    login = command("login", _login, "log in with an app password (kept: the refresh token only)")
+    login.add_argument("--pds-url", required=True, help="the account's PDS, https://...")
+    login.add_argument("--identifier", required=True, help="handle, DID or email")
+    command("logout", _logout, "revoke and forget the saved login")
+    flush = command("flush", _flush, "sync every pending session now, with progress")
+    flush.add_argument("--timeout", type=float, default=300.0, help="give up after (s)")
+    command("doctor", _doctor, "check the PDS, the login and the clock skew")
     return parser
 
 
@@ -92,6 +105,7 @@ def _status(args: argparse.Namespace) -> int:
     store = _open_store(args)
     try:
         _print_store_status(store, sys.stdout)
+        _print_sync_status(store, _token_store(args), sys.stdout)
     finally:
         store.close()
     return EXIT_OK
@@ -101,9 +115,34 @@ def _print_store_status(store: Store, out: TextIO) -> None:
     out.write(f"store:    {store.path}\n")
     counts = store.outbox_counts()
     out.write("sessions: " + ", ".join(f"{name} {count}" for name, count in counts.items()) + "\n")
+    unattributed = store.unattributed_count()
+    if unattributed:
+        out.write(f"          ({unattributed} pending recorded without an account: kept local)\n")
     losses = store.counters()
     lost = ", ".join(f"{name} {value}" for name, value in sorted(losses.items())) or "none"
     out.write(f"dropped:  {lost}\n")
+
+
+def _print_sync_status(store: Store, tokens: TokenStore, out: TextIO) -> None:
+    saved = tokens.load()
+    account = "not logged in (or the game supplies its own auth)"
+    if saved:
+        account = f"{saved.get('handle')} ({saved.get('did')}) at {saved.get('pds_url')}"
+    meta = store.meta()
+    next_at = meta.get("sync.next_attempt_at")
+    out.write(f"auth:     {account}\n")
+    if meta.get("sync.auth_problem"):
+        out.write(f"          problem: {meta['sync.auth_problem']}\n")
+    out.write(f"network:  {meta.get('network.condition', 'unknown')} (as the agent last saw it)\n")
+    out.write(f"synced:   last {_when(meta.get('sync.last_sync_at'))}\n")
+    out.write(f"next:     {_when(next_at) if next_at else 'when due'}\n")
+    out.write(f"error:    {meta.get('sync.last_error') or 'none'}\n")
+
+
+def _when(epoch: float | None) -> str:
+    if epoch is None:
+        return "never"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
 
 
 def _sessions(args: argparse.Namespace) -> int:
@@ -237,6 +276,134 @@ def _demo(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return EXIT_OK
+
+
+def _token_store(args: argparse.Namespace) -> TokenStore:
+    from .auth import FileTokenStore
+    from .worker import SESSION_FILENAME
+
+    return FileTokenStore(_data_dir(args) / SESSION_FILENAME)
+
+
+def _read_password(identifier: str) -> str:
+    """From ``ANISOTA_AGENT_PASSWORD``, else a prompt that does not echo."""
+    import getpass
+    import os
+
+    password = os.environ.get(PASSWORD_ENV)
+    if password:
+        return password
+    if not sys.stdin.isatty():
+        raise CliError(f"no terminal to ask for the password: set {PASSWORD_ENV}")
+    return getpass.getpass(f"App password for {identifier}: ")
+
+
+def _login(args: argparse.Namespace) -> int:
+    from .auth import AppPasswordSession
+    from .xrpc import XrpcError
+
+    password = _read_password(args.identifier)
+    try:
+        session = AppPasswordSession.login(
+            args.pds_url, args.identifier, password, _token_store(args)
+        )
+    except (XrpcError, ValueError, OSError) as error:
+        raise CliError(f"login failed: {error}") from error
+    print(f"logged in: {session.describe()}")
+    session.close()
+    return EXIT_OK
+
+
+def _logout(args: argparse.Namespace) -> int:
+    from .auth import AppPasswordSession
+
+    tokens = _token_store(args)
+    session = AppPasswordSession.from_store(tokens)
+    if session is None:
+        tokens.clear()
+        print("not logged in")
+        return EXIT_OK
+    session.logout()
+    print(f"logged out {session.handle} ({session.did})")
+    return EXIT_OK
+
+
+def _flush(args: argparse.Namespace) -> int:
+    from .sync import Uplink
+
+    store = _open_store(args)
+    uplink = Uplink(store, _token_store(args))
+    try:
+        did = uplink.resume()
+        if did is None or uplink.engine is None:
+            raise CliError("not logged in: run `anisota-agent login` first")
+        status = uplink.engine.sync(time.time() + args.timeout, _progress_bar(sys.stderr))
+        left = len(store.due_for_sync(did, float("inf"), limit=1_000_000))
+    finally:
+        uplink.close()
+        store.close()
+    print(
+        f"synced {status.synced}, quarantined {status.quarantined}, left {left}"
+        f" ({status.requests} requests, {status.points_spent} rate-limit points)"
+    )
+    problem = status.auth_problem or status.last_error
+    if problem:
+        print(f"anisota-agent: {problem}", file=sys.stderr)
+    return EXIT_OK if left == 0 else EXIT_FAILURE
+
+
+def _progress_bar(out: TextIO) -> Callable[[int, int], None]:
+    def show(done: int, total: int) -> None:
+        width = 30
+        filled = width * done // max(total, 1)
+        out.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+        if done >= total:
+            out.write("\n")
+        out.flush()
+
+    return show
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from .auth import AppPasswordSession
+    from .xrpc import XrpcClient, XrpcError
+
+    session = AppPasswordSession.from_store(_token_store(args))
+    if session is None:
+        raise CliError("not logged in: run `anisota-agent login` first")
+    failures = 0
+
+    def check(name: str, ok: bool, detail: str) -> None:
+        nonlocal failures
+        failures += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}")
+
+    with XrpcClient(session.pds_url) as anonymous:
+        began = time.perf_counter()
+        try:
+            version = anonymous.health(timeout=10).get("version", "?")
+            check(
+                "PDS reachable",
+                True,
+                f"{session.pds_url} (version {version}, "
+                f"{(time.perf_counter() - began) * 1000:.0f} ms)",
+            )
+        except XrpcError as error:
+            check("PDS reachable", False, f"{session.pds_url}: {error}")
+        skew = anonymous.clock_skew
+    try:
+        with session.client() as client:
+            who = client.get_session(timeout=10)
+        check("credentials", True, f"{who.get('handle')} ({who.get('did')})")
+    except XrpcError as error:
+        check("credentials", False, f"{type(error).__name__}: {error}")
+    finally:
+        session.close()
+    if skew is None:
+        check("clock skew", False, "the PDS sent no Date header")
+    else:
+        check("clock skew", abs(skew) <= MAX_CLOCK_SKEW, f"{skew:+.1f} s against the PDS")
+    return EXIT_OK if failures == 0 else EXIT_FAILURE
 
 
 if __name__ == "__main__":

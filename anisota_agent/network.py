@@ -266,11 +266,13 @@ class NetworkMonitor:
             change = self._update(now)
         self._notify(change)
 
-    def observe_probe(self, elapsed_ms: float | None) -> None:
+    def observe_probe(self, elapsed_ms: float | None, *, counted: bool = False) -> None:
         """Record a probe of the PDS: its elapsed ms, or None when it got no answer.
 
-        Report each probe here only, not also through :meth:`observe_request`
-        (e.g. via a timed transport), or a failure would count twice.
+        ``counted=True`` says the probe's request was already reported through
+        :meth:`observe_request` (it went through an instrumented client): then a
+        failure only advances the probe backoff instead of counting as a second
+        network error.
         """
         if elapsed_ms is not None and not 0 <= elapsed_ms < math.inf:
             raise ValueError(f"elapsed_ms must be None or finite >= 0; got {elapsed_ms!r}")
@@ -278,7 +280,8 @@ class NetworkMonitor:
             now = self._now()
             self._last_outcome_at = now
             if elapsed_ms is None:
-                self._errors += 1
+                if not counted:
+                    self._errors += 1
                 self._failed_probes += 1
                 self._last_failed_probe_at = now
             else:

@@ -181,7 +181,7 @@ class Worker:
             work = self._agent._collect()
             try:
                 self._process(work)
-                self._tend_network()
+                self._tend_network(probe=not work.stopping)
                 self._sync(work.deadline)
             except Exception:  # a bug here must not kill recording for good
                 logger.exception("worker round failed")
@@ -334,14 +334,17 @@ class Worker:
             self._agent._set_account(did)
         self._refresh_account()
 
-    def _tend_network(self) -> None:
-        """Poll the interfaces now and then, probe the PDS when in doubt."""
+    def _tend_network(self, probe: bool) -> None:
+        """Poll the interfaces now and then, probe the PDS when in doubt.
+
+        A closing agent does not probe: its time belongs to the last sync.
+        """
         now = self._network_now()
         if now - self._interfaces_polled_at >= INTERFACE_POLL_SECONDS:
             self._interfaces_polled_at = now
             self._network.observe_interfaces(interfaces_up())
         engine = self._uplink.engine if self._uplink is not None else None
-        if engine is not None and self._network.probe_due():
+        if probe and engine is not None and self._network.probe_due():
             began = time.perf_counter()
             try:
                 engine.client.health(timeout=5.0)
@@ -349,9 +352,12 @@ class Worker:
                 self._network.observe_probe(None)
             else:
                 self._network.observe_probe((time.perf_counter() - began) * 1000)
+                engine.retry_now()  # the PDS answers: no reason to wait out a backoff
         transitions = self._network.pop_transitions()
         if transitions:
             self._agent._network_changed(transitions)
+            assert self._store is not None
+            self._store.set_meta({"network.condition": transitions[-1].new})
             if any(change.reconnected for change in transitions) and engine is not None:
                 engine.retry_now()  # back online: do not wait out the old backoff
 

@@ -13,9 +13,11 @@ from anisota_agent import Agent
 from anisota_agent.cli import main
 from anisota_agent.lexicon import validate_record
 
+Recorded = tuple[Path, list[str]]
+
 
 @pytest.fixture
-def recorded(tmp_path: Path) -> tuple[Path, list[str]]:
+def recorded(tmp_path: Path) -> Recorded:
     """A data dir with two ended sessions and one live one."""
     agent = Agent("1.0", data_dir=tmp_path).start()
     rkeys = []
@@ -35,7 +37,7 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_status_lists_the_queue(capsys: pytest.CaptureFixture[str], recorded: tuple) -> None:
+def test_status_lists_the_queue(capsys: pytest.CaptureFixture[str], recorded: Recorded) -> None:
     data_dir, _ = recorded
     code, out, _ = run(capsys, "--data-dir", str(data_dir), "status")
     assert code == 0
@@ -43,7 +45,7 @@ def test_status_lists_the_queue(capsys: pytest.CaptureFixture[str], recorded: tu
     assert str(data_dir / "agent.sqlite3") in out
 
 
-def test_sessions_table_and_json(capsys: pytest.CaptureFixture[str], recorded: tuple) -> None:
+def test_sessions_table_and_json(capsys: pytest.CaptureFixture[str], recorded: Recorded) -> None:
     data_dir, rkeys = recorded
     code, out, _ = run(capsys, "--data-dir", str(data_dir), "sessions")
     assert code == 0
@@ -58,7 +60,7 @@ def test_sessions_table_and_json(capsys: pytest.CaptureFixture[str], recorded: t
     assert all(row["status"] == "ended" and row["endReason"] == "logout" for row in rows)
 
 
-def test_show_prints_the_record(capsys: pytest.CaptureFixture[str], recorded: tuple) -> None:
+def test_show_prints_the_record(capsys: pytest.CaptureFixture[str], recorded: Recorded) -> None:
     data_dir, rkeys = recorded
     code, out, _ = run(capsys, "--data-dir", str(data_dir), "show", rkeys[1])
     assert code == 0
@@ -68,7 +70,7 @@ def test_show_prints_the_record(capsys: pytest.CaptureFixture[str], recorded: tu
 
 
 def test_user_mistakes_exit_non_zero_without_traceback(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, recorded: tuple
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, recorded: Recorded
 ) -> None:
     data_dir, _ = recorded
     code, _, err = run(capsys, "--data-dir", str(data_dir), "show", "nope")
@@ -80,7 +82,7 @@ def test_user_mistakes_exit_non_zero_without_traceback(
 
 
 def test_export_then_validate_round_trip(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, recorded: tuple
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, recorded: Recorded
 ) -> None:
     data_dir, rkeys = recorded
     target = tmp_path / "export.jsonl"
@@ -113,7 +115,7 @@ def test_validate_reports_each_invalid_record(
     assert "status" in err and "active" in err
 
 
-def test_purge_needs_confirmation(capsys: pytest.CaptureFixture[str], recorded: tuple) -> None:
+def test_purge_needs_confirmation(capsys: pytest.CaptureFixture[str], recorded: Recorded) -> None:
     data_dir, _ = recorded
     code, _, err = run(capsys, "--data-dir", str(data_dir), "purge")
     assert code == 1 and "--yes" in err

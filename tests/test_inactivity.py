@@ -24,6 +24,7 @@ def uri(rkey: str) -> str:
 @pytest.fixture
 def frozen() -> Iterator[FrozenDateTimeFactory]:
     with freeze_time("2026-11-24T10:00:00Z") as factory:
+        assert isinstance(factory, FrozenDateTimeFactory)
         yield factory
 
 
