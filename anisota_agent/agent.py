@@ -62,6 +62,8 @@ DEFAULT_INACTIVITY_TIMEOUT = 30 * 60.0
 DEFAULT_CONTINUATION_WINDOW = 30 * 60.0
 DEFAULT_CLOSE_TIMEOUT = 2.0
 DEFAULT_WRITE_RESERVE = 1000
+DEFAULT_MAX_STORE_BYTES = 20_000_000  # of records: about 20,000 typical sessions
+DEFAULT_RETENTION_DAYS = 30.0
 DEFAULT_SLOW_THRESHOLD_MS = 2000.0
 #: The wall clock running this far ahead of the monotonic clock means the
 #: machine slept (CLOCK_MONOTONIC stops during suspend) or the clock was stepped
@@ -141,6 +143,10 @@ class Agent:
             session to the PDS (at least 60; default None: only finished
             sessions are written).
         slow_threshold_ms: request latency above which the network is ``slow``.
+        max_store_bytes: the store's size bound (bytes of records); past it the
+            oldest synced sessions go first, then quarantined, then unsynced
+            ones (counted as lost).
+        retention_days: synced and quarantined sessions older than this go.
         clock: the wall and monotonic clock (tests inject one).
     """
 
@@ -159,6 +165,8 @@ class Agent:
         write_reserve: int = DEFAULT_WRITE_RESERVE,
         mirror_interval: float | None = None,
         slow_threshold_ms: float = DEFAULT_SLOW_THRESHOLD_MS,
+        max_store_bytes: int = DEFAULT_MAX_STORE_BYTES,
+        retention_days: float = DEFAULT_RETENTION_DAYS,
         clock: Clock | None = None,
     ) -> None:
         self.client_version = check_text("client_version", client_version, MAX_CLIENT_VERSION_LEN)
@@ -171,6 +179,8 @@ class Agent:
         )
         self._max_age_ns = _ns(check_seconds("max_session_age", max_session_age, 60, 7 * day))
         self._write_reserve = check_int("write_reserve", write_reserve, 0, 1_000_000)
+        self._max_store_bytes = check_int("max_store_bytes", max_store_bytes, 100_000, 2**40)
+        self._retention_s = 86400 * check_seconds("retention_days", retention_days, 1, 3650)
         self._mirror_interval = (
             None
             if mirror_interval is None
@@ -227,6 +237,8 @@ class Agent:
                     max_session_age_ms=self._max_age_ns // 1_000_000,
                     reserve_points=self._write_reserve,
                     mirror_interval=self._mirror_interval,
+                    max_store_bytes=self._max_store_bytes,
+                    retention_s=self._retention_s,
                 ),
                 self._network,
                 wall_s=lambda: self._wall() / 1e9,

@@ -27,6 +27,12 @@ DB_FILENAME = "agent.sqlite3"
 
 #: Outbox states. ``live``: being recorded by its owner, not queued yet.
 OUTBOX_STATES = ("live", "pending", "synced", "quarantined")
+#: What goes first when the store is over its size, and the loss it counts as.
+PRUNE_ORDER = (
+    ("synced", None),
+    ("quarantined", "pruned_quarantined"),
+    ("pending", "pruned_unsynced"),
+)
 
 migrations = Migrations("anisota_agent")
 
@@ -393,6 +399,48 @@ class Store:
     def meta(self) -> dict[str, Any]:
         """The saved sync state."""
         return {row["key"]: json.loads(row["value"]) for row in self.db.table("meta").rows}
+
+    # -- bounds --------------------------------------------------------------------
+
+    def prune(self, max_bytes: int, max_age_s: float, now: float) -> dict[str, int]:
+        """Keep the store within ``max_bytes`` of records and ``max_age_s`` of age.
+
+        Synced sessions go first (they are safe on the PDS), then quarantined ones
+        (the PDS refused them), and only then finished sessions not yet synced,
+        oldest first; live sessions never. Returns what was dropped, by kind, for
+        the loss counters (synced ones are not losses).
+        """
+        cutoff = now - max_age_s
+        dropped: dict[str, int] = {}
+        with self.db.atomic():
+            self.db.execute(
+                "DELETE FROM sessions WHERE outbox = 'synced' AND synced_at < ?", [cutoff]
+            )
+            old = self.db.execute(
+                "DELETE FROM sessions WHERE outbox = 'quarantined' AND checkpointed_at < ?",
+                [cutoff],
+            ).rowcount
+            if old:
+                dropped["pruned_quarantined"] = old
+            for outbox, loss in PRUNE_ORDER:
+                while self._record_bytes() > max_bytes:
+                    if not self._delete_oldest(outbox):
+                        break
+                    if loss:
+                        dropped[loss] = dropped.get(loss, 0) + 1
+        return dropped
+
+    def _record_bytes(self) -> int:
+        row = self.db.execute("SELECT coalesce(sum(length(record)), 0) FROM sessions").fetchone()
+        return int(row[0])
+
+    def _delete_oldest(self, outbox: str) -> bool:
+        cursor = self.db.execute(
+            "DELETE FROM sessions WHERE rkey = "
+            "(SELECT rkey FROM sessions WHERE outbox = ? ORDER BY rkey LIMIT 1)",
+            [outbox],
+        )
+        return cursor.rowcount > 0
 
     # -- counters of what the agent dropped -----------------------------------
 

@@ -24,8 +24,10 @@ Runs on the agent's worker thread (or in ``anisota-agent flush``). Strategy:
 
 from __future__ import annotations
 
+import json
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +56,10 @@ from .xrpc import (
 logger = logging.getLogger("anisota_agent")
 
 MAX_BATCH = 200  # applyWrites refuses more
+# The PDS refuses request bodies over 1,000,000 bytes (413): keep a margin.
+MAX_BATCH_BYTES = 900_000
+BATCH_ENVELOPE_BYTES = 1_000  # {"repo": <did>, "writes": [...]}
+WRITE_ENVELOPE_BYTES = 128  # {"$type": "...#create", "collection", "rkey", "value"}
 FIRST_BATCH = 10  # until the budget is known
 CREATE_POINTS = 3
 PUT_POINTS = 2
@@ -237,18 +243,28 @@ class SyncEngine:
         raise self._stop_round("listRecords did not reach the oldest uncertain session")
 
     def _batches(self, rows: list[StoredSession]) -> Iterator[list[StoredSession]]:
-        """Consecutive batches, each as large as the budget and the 200 cap allow.
+        """Consecutive batches, each as large as the budget, the 200 cap and the
+        PDS's request body limit allow.
 
         A generator on purpose: each batch is sized only when it is about to
         leave, after the previous answer told the budget. (Sizing them all up
         front sized every batch of a round as the first one, FIRST_BATCH
         sessions while the budget was unknown: 100 requests for 1,000 sessions.)
+        The byte cap keeps 200 large records (up to ~14 KB each) from making a
+        2.8 MB body that the PDS refuses with 413, which sent every session of
+        the batch as a single put.
         """
         start = 0
         while start < len(rows):
             size = self._affordable(CREATE_POINTS)
-            yield rows[start : start + size]
-            start += size
+            end, body = start, BATCH_ENVELOPE_BYTES
+            while end < len(rows) and end - start < size:
+                body += _write_bytes(rows[end])
+                if body > MAX_BATCH_BYTES and end > start:
+                    break
+                end += 1
+            yield rows[start:end]
+            start = end
 
     def _affordable(self, points_each: int) -> int:
         """How many writes fit in the budget above the reserve (at least 1)."""
@@ -263,33 +279,40 @@ class SyncEngine:
     # -- writes ------------------------------------------------------------------
 
     def _create(self, batch: list[StoredSession]) -> None:
-        self._ensure_budget(len(batch) * CREATE_POINTS)
-        rkeys = [row.rkey for row in batch]
-        writes = [
-            {
-                "$type": "com.atproto.repo.applyWrites#create",
-                "collection": SESSION_NSID,
-                "rkey": row.rkey,
-                "value": row.record,
-            }
-            for row in batch
-        ]
-        self.store.mark_in_flight(rkeys)
-        try:
-            answer = self._call(
-                lambda timeout: self.client.apply_writes(self.did, writes, timeout=timeout),
-                rkeys,
-                write=True,
-            )
-        except (InvalidRequest, PayloadTooLarge):
-            # One bad record fails the whole batch: find it with single puts.
-            self.store.settle(rkeys)
-            for row in batch:
-                self._put(row)
+        while batch:
+            self._ensure_budget(len(batch) * CREATE_POINTS)
+            rkeys = [row.rkey for row in batch]
+            writes = [
+                {
+                    "$type": "com.atproto.repo.applyWrites#create",
+                    "collection": SESSION_NSID,
+                    "rkey": row.rkey,
+                    "value": row.record,
+                }
+                for row in batch
+            ]
+            self.store.mark_in_flight(rkeys)
+            try:
+                answer = self._call(self._apply_writes(writes), rkeys, write=True)
+            except (InvalidRequest, PayloadTooLarge) as refused:
+                # One bad record fails the whole batch (nothing was written).
+                self.store.settle(rkeys)
+                named = _refused_write(refused, len(batch))
+                if named is None:  # the answer does not say which: find it with single puts
+                    for row in batch:
+                        self._put(row)
+                    return
+                # The PDS named the write it refused ("... at $.writes[3].value.x"):
+                # put that one alone (quarantined if refused again, never on a guess)
+                # and send the rest as a batch again, instead of one put per session
+                # (a 200-session batch cost 200 requests and 400 points that way).
+                self._put(batch[named])
+                batch = batch[:named] + batch[named + 1 :]
+                continue
+            self.status.points_spent += CREATE_POINTS * len(batch)
+            for row, result in zip(batch, answer.get("results", []), strict=False):
+                self._synced(row.rkey, result["uri"], result["cid"])
             return
-        self.status.points_spent += CREATE_POINTS * len(batch)
-        for row, result in zip(batch, answer.get("results", []), strict=False):
-            self._synced(row.rkey, result["uri"], result["cid"])
 
     def _put(self, row: StoredSession) -> None:
         self._ensure_budget(PUT_POINTS)
@@ -328,6 +351,9 @@ class SyncEngine:
             raise SyncStopped
 
     # -- calls and their failures ------------------------------------------------------
+
+    def _apply_writes(self, writes: list[dict[str, Any]]) -> Request:
+        return lambda timeout: self.client.apply_writes(self.did, writes, timeout=timeout)
 
     def _get_record(self, rkey: str) -> Request:
         return lambda timeout: self.client.get_record(self.did, SESSION_NSID, rkey, timeout=timeout)
@@ -423,6 +449,28 @@ def _reporter(
             progress(done + settled_in_round, total)
 
     return report
+
+
+def _write_bytes(row: StoredSession) -> int:
+    """About what one ``#create`` of this session adds to an applyWrites body."""
+    value = json.dumps(row.record, ensure_ascii=False, separators=(",", ":"))
+    return len(value.encode()) + WRITE_ENVELOPE_BYTES
+
+
+_WRITE_INDEX = re.compile(r"\$\.writes\[(\d+)\]")
+
+
+def _refused_write(refused: XrpcError, count: int) -> int | None:
+    """The index of the write a refused ``applyWrites`` names, if it names exactly one.
+
+    The reference PDS says where its input check failed, e.g. "Expected one of
+    null, boolean, integer, ... (got 1.5) at $.writes[3].value.x".
+    """
+    named = {int(index) for index in _WRITE_INDEX.findall(refused.message)}
+    if len(named) != 1:
+        return None
+    index = named.pop()
+    return index if index < count else None
 
 
 class Uplink:

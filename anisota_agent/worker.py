@@ -120,10 +120,14 @@ class WorkerSettings(NamedTuple):
     max_session_age_ms: int
     reserve_points: int
     mirror_interval: float | None
+    max_store_bytes: int
+    retention_s: float
 
 
 #: How often the worker looks at the network interfaces (psutil), at most.
 INTERFACE_POLL_SECONDS = 5.0
+#: How often the store is pruned to its bounds (and once at start).
+PRUNE_SECONDS = 3600.0
 #: How long one background sync pass may run before the worker checkpoints again.
 SYNC_SLICE_SECONDS = 10.0
 
@@ -174,12 +178,16 @@ class Worker:
         self._open_store()
         self._recover()
         self._open_uplink()
+        pruned_at = -PRUNE_SECONDS
         while True:
             self.wake.wait(self._sleep_seconds())
             self.wake.clear()
             self._agent._end_idle()
             work = self._agent._collect()
             try:
+                if self._wall_s() - pruned_at >= PRUNE_SECONDS:
+                    pruned_at = self._wall_s()
+                    self._prune()
                 self._process(work)
                 self._tend_network(probe=not work.stopping)
                 self._sync(work.deadline)
@@ -421,6 +429,14 @@ class Worker:
         if now_ms - parse_datetime(stale.record["startedAt"]) > self._settings.max_session_age_ms:
             return True
         return not owner_alive(stale.owner_pid, stale.owner_started, stale.owner_token)
+
+    def _prune(self) -> None:
+        assert self._store is not None
+        settings = self._settings
+        dropped = self._store.prune(settings.max_store_bytes, settings.retention_s, self._wall_s())
+        if dropped:
+            logger.warning("store over its bounds: dropped %s", dropped)
+            self._count(dropped)
 
     def _purge(self) -> None:
         assert self._store is not None

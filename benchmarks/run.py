@@ -153,10 +153,73 @@ def bench_checkpoint(writes: int = 400) -> dict[str, Any]:
     }
 
 
+class _CountingEvent(threading.Event):
+    """The worker's wake-up event, counting how often the worker sleeps on it."""
+
+    waits = 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits += 1
+        return super().wait(timeout)
+
+
+def bench_idle_worker(seconds: float = 30.0) -> dict[str, Any]:
+    """The worker's wake-ups per second and CPU use while the game idles in a session."""
+    import psutil
+
+    from anisota_agent import Agent
+
+    with tempfile.TemporaryDirectory() as data_dir:
+        agent = Agent("bench", data_dir=data_dir).start()
+        agent.start_session()
+        agent.page("/idle")
+        agent.flush()
+        worker = agent._worker
+        assert worker is not None
+        counting = _CountingEvent()
+        worker.wake = counting
+        agent.flush()  # the worker now sleeps on the counting event
+        thread_id = worker._thread.native_id
+        process = psutil.Process()
+
+        def worker_cpu() -> float:
+            return next(t.user_time + t.system_time for t in process.threads() if t.id == thread_id)
+
+        waits, cpu, began = counting.waits, worker_cpu(), time.monotonic()
+        threading.Event().wait(seconds)  # the game idles
+        elapsed = time.monotonic() - began
+        wakeups = counting.waits - waits
+        used = worker_cpu() - cpu
+        agent.close()
+    return {
+        "seconds": round(elapsed, 1),
+        "wakeups_per_second": round(wakeups / elapsed, 3),
+        "cpu_percent_of_a_core": round(100 * used / elapsed, 4),
+        "target": "<= 1 wake-up per second, <= 0.1% of a core",
+    }
+
+
+def bench_httpx_hooks() -> dict[str, Any]:
+    """µs the timing hooks add to each of the game's httpx requests."""
+    from bench_timing import hook_overhead_us
+
+    return hook_overhead_us()
+
+
+def bench_sync_drain() -> dict[str, Any]:
+    """Drain 1,000 queued sessions into a local reference PDS."""
+    from bench_sync import drain_benchmark
+
+    return drain_benchmark()
+
+
 BENCHMARKS: dict[str, Callable[[], dict[str, Any]]] = {
     "activity_calls": bench_activity_calls,
     "import_and_start": bench_import_and_start,
     "checkpoint": bench_checkpoint,
+    "idle_worker": bench_idle_worker,
+    "httpx_hooks": bench_httpx_hooks,
+    "sync_drain": bench_sync_drain,
 }
 
 
