@@ -210,6 +210,9 @@ class Agent:
         self._purge = False
         self._did: str | None = None
         self._auth_request: AuthRequest | None = None
+        # A login was asked for and the worker has not answered: sessions started
+        # meanwhile belong to the account it logs in (see SessionState.awaiting_account).
+        self._login_pending = False
         self._owner_token = os.urandom(16).hex()
         self._worker: Worker | None = None
         self._restart_in_child = False
@@ -380,6 +383,7 @@ class Agent:
             self._auth_request = AuthRequest(
                 kind="password", pds_url=url, identifier=identifier, password=password
             )
+            self._login_pending = True
         self._wake()
 
     def logout(self) -> None:
@@ -390,10 +394,12 @@ class Agent:
             self._did = None
         self._wake()
 
-    def _set_account(self, did: str) -> None:
-        """The worker logged in (or resumed a saved login) as ``did``."""
+    def _set_account(self, did: str | None) -> None:
+        """The worker logged in (or resumed a saved login) as ``did``; None: it failed."""
         with self._lock:
-            self._set_account_locked(did)
+            self._login_pending = False
+            if did is not None:
+                self._set_account_locked(did)
 
     def _set_account_locked(self, did: str) -> None:
         self._did = did
@@ -490,6 +496,7 @@ class Agent:
             did=self._did,
         )
         session.parent_rkey = parent_rkey
+        session.awaiting_account = self._login_pending and self._did is None
         session.condition = self._network.condition
         session.expires_mono_ns = mono_ns + self._max_age_ns
         # wall - mono beyond this means the wall clock ran ahead: the machine slept.
@@ -763,18 +770,18 @@ class Agent:
         return self._mono() / 1e9
 
     def _on_network_change(self, change: Transition) -> None:
-        # Back online: wake the worker so the queue syncs within seconds.
-        if change.reconnected:
-            self._wake()
+        """Bank the live session's time in each condition, the moment it changes.
 
-    def _network_changed(self, transitions: list[Transition]) -> None:
-        """Bank the live session's time in each network condition (from the worker)."""
+        Called by the monitor (outside its own lock) on whichever thread observed
+        the change; back online, it wakes the worker so the queue syncs in seconds.
+        """
         with self._lock:
             session = self._session
             if session is not None:
-                for change in transitions:
-                    session.set_condition(change.new, int(change.at * 1e9))
+                session.set_condition(change.new, int(change.at * 1e9))
                 self._dirty = True
+        if change.reconnected:
+            self._wake()
 
     def _end_idle(self) -> float:
         """Worker's check: end an idle session; returns seconds until the next check is due."""

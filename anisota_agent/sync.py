@@ -372,6 +372,12 @@ class SyncEngine:
         if self._deadline is not None:
             timeout = max(0.05, min(timeout, self._deadline - self._now()))
         self.status.requests += 1
+        if write:
+            # Only this write's own answer may tell the write budget: forget the
+            # previous answer's headers (a read's per-IP bucket, say), so that a
+            # write answered without any (a 400 refused while parsing) does not
+            # pass them off as the write budget.
+            self.client.last_rate_limit = None
         try:
             answer = request(timeout)
         except RecordNotFound:
@@ -421,7 +427,8 @@ class SyncEngine:
     def _note_budget(self, write: bool) -> None:
         if write:
             self._wrote = True
-            self.status.budget = self.client.last_rate_limit
+            if self.client.last_rate_limit is not None:  # else keep the last write's
+                self.status.budget = self.client.last_rate_limit
 
     def _save_status(self) -> None:
         status = self.status
@@ -571,12 +578,16 @@ class Uplink:
         engine = self.engine
         if engine is None or not engine.due():
             return False
+        # Marked before the put, like in_flight: a put whose answer is lost may
+        # have landed, and the final write of a mirrored session looks first.
+        # (Marked after, a lost answer left a record the final #create collided
+        # with: a 500 for its whole batch and a backoff.)
+        self.store.mark_mirrored(rkey)
         try:
             engine.client.put_record(engine.did, SESSION_NSID, rkey, record)
         except XrpcError as failure:
             logger.warning("mirroring session %s failed: %s", rkey, failure)
             return False
-        self.store.mark_mirrored(rkey)
         return True
 
     def close(self) -> None:

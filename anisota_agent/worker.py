@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from .lexicon import RecordValidationError, validate_record
-from .network import NetworkMonitor, Transition, interfaces_up
+from .network import NetworkMonitor, interfaces_up
 from .records import SessionState, build_record, expire_record
 
 if TYPE_CHECKING:
@@ -105,9 +105,7 @@ class AgentSide(Protocol):
 
     def _end_idle(self) -> float: ...
 
-    def _set_account(self, did: str) -> None: ...
-
-    def _network_changed(self, transitions: list[Transition]) -> None: ...
+    def _set_account(self, did: str | None) -> None: ...
 
 
 class WorkerSettings(NamedTuple):
@@ -215,7 +213,7 @@ class Worker:
     def _process(self, work: Work) -> None:
         if work.purge:
             self._purge()
-        self._apply_auth(work.auth_request)
+        self._apply_auth(work.auth_request, work.finished)
         if work.dropped:
             self._count(work.dropped)
         self._unsaved.extend(work.finished)
@@ -320,8 +318,11 @@ class Worker:
             now=self._wall_s,
         )
 
-    def _apply_auth(self, request: AuthRequest | None) -> None:
-        """Carry out the host's account change; at the first round, resume a saved login."""
+    def _apply_auth(self, request: AuthRequest | None, finished: list[SessionState]) -> None:
+        """Carry out the host's account change; at the first round, resume a saved login.
+
+        Sessions that ended while a login was under way are that account's too.
+        """
         uplink = self._uplink
         assert uplink is not None
         did = None
@@ -338,8 +339,14 @@ class Worker:
         else:
             uplink.logout()
         self._resumed = True  # a host's choice made at start wins over a saved login
-        if did is not None:
-            self._agent._set_account(did)
+        if request is None or request.kind == "password":
+            # A saved login held from the agent's start; a requested one from the
+            # moment it was asked for.
+            for state in finished:
+                if state.did is None and (request is None or state.awaiting_account):
+                    state.did = did
+        if did is not None or (request is not None and request.kind == "password"):
+            self._agent._set_account(did)  # None: the login failed
         self._refresh_account()
 
     def _tend_network(self, probe: bool) -> None:
@@ -363,7 +370,6 @@ class Worker:
                 engine.retry_now()  # the PDS answers: no reason to wait out a backoff
         transitions = self._network.pop_transitions()
         if transitions:
-            self._agent._network_changed(transitions)
             assert self._store is not None
             self._store.set_meta({"network.condition": transitions[-1].new})
             if any(change.reconnected for change in transitions) and engine is not None:

@@ -160,14 +160,14 @@ def test_a_queued_session_syncs_within_5_s_of_the_network_coming_back(
     with FaultProxy(pds.url) as proxy:
         agent = Agent("1.0", data_dir=tmp_path).start()
         offline = threading.Event()
-        changed = agent._network_changed
+        changed = agent._on_network_change
 
-        def watch(transitions: list[Transition]) -> None:
-            changed(transitions)
-            if any(change.new == "offline" for change in transitions):
+        def watch(change: Transition) -> None:
+            changed(change)
+            if change.new == "offline":
                 offline.set()
 
-        monkeypatch.setattr(agent, "_network_changed", watch)
+        monkeypatch.setattr(agent._network, "_on_change", watch)
         agent.login(account.handle, account.password, pds_url=proxy.url)
         assert agent.flush()
         assert agent.status().account is not None

@@ -1,0 +1,151 @@
+"""The agent with a real account: attribution, mirroring, timing the game's own requests."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+from agent_helpers import stored, stored_record
+from pds_harness import Account, PdsServer
+
+from anisota_agent import Agent
+
+COLLECTION = "net.anisota.beta.game.session"
+
+
+def logged_in_agent(data_dir: Path, pds: PdsServer, account: Account, **settings: float) -> Agent:
+    agent = Agent("1.0", data_dir=data_dir, **settings).start()  # type: ignore[arg-type]
+    agent.login(account.handle, account.password, pds_url=pds.url)
+    assert agent.flush()
+    assert agent.status().account is not None, agent.status().auth_problem
+    return agent
+
+
+def test_sessions_recorded_logged_out_stay_local(
+    tmp_path: Path, pds: PdsServer, account: Account
+) -> None:
+    agent = Agent("1.0", data_dir=tmp_path).start()
+    anonymous = str(agent.start_session(authentication_method="anonymous"))
+    agent.end_session("user_initiated")
+    agent.login(account.handle, account.password, pds_url=pds.url)
+    mine = str(agent.start_session(authentication_method="existing_session"))
+    agent.end_session("logout")
+    assert agent.flush()
+    agent.close()
+    assert stored(tmp_path, anonymous).did is None
+    assert stored(tmp_path, anonymous).outbox == "pending"  # never uploaded to anyone
+    assert stored(tmp_path, mine).outbox == "synced"
+    remote = [item["uri"] for item in pds.list_records(account)]
+    assert remote == [f"at://{account.did}/{COLLECTION}/{mine}"]
+
+
+def test_a_session_started_during_login_belongs_to_that_account(
+    tmp_path: Path, pds: PdsServer, account: Account
+) -> None:
+    agent = Agent("1.0", data_dir=tmp_path).start()
+    agent.login(account.handle, account.password, pds_url=pds.url)
+    rkey = str(agent.start_session())  # before the worker has logged in
+    agent.page("/home")
+    agent.close()
+    assert stored(tmp_path, rkey).did == account.did
+
+
+def test_switching_accounts_invalidates_the_live_session(
+    tmp_path: Path, pds: PdsServer, account: Account
+) -> None:
+    agent = logged_in_agent(tmp_path, pds, account)
+    rkey = str(agent.start_session())
+    agent.use_auth(httpx.Auth(), did="did:plc:someoneelse0000000000000", pds_url=pds.url)
+    assert agent.status().session is None
+    agent.close()
+    record = stored_record(tmp_path, rkey)
+    assert (record["status"], record["endReason"]) == ("invalidated", "forced_end")
+
+
+def test_mirroring_puts_the_live_session_then_the_final_one(
+    tmp_path: Path, pds: PdsServer, account: Account
+) -> None:
+    agent = logged_in_agent(tmp_path, pds, account, mirror_interval=60)
+    rkey = str(agent.start_session())
+    agent.page("/garden")
+    assert agent.flush()
+    live = pds.get_record(account, COLLECTION, rkey)
+    assert live is not None and live["value"]["status"] == "active"
+    assert stored(tmp_path, rkey).mirrored
+    agent.page("/shop")
+    agent.end_session("logout")
+    assert agent.flush()
+    agent.close()
+    final = stored_record(tmp_path, rkey)
+    remote = pds.get_record(account, COLLECTION, rkey)
+    assert remote is not None and remote["value"] == final
+    assert len(pds.list_records(account)) == 1
+
+
+class _GameApi(BaseHTTPRequestHandler):
+    """The game's own backend: /ok answers, /fail is a 503."""
+
+    def do_GET(self) -> None:
+        self.send_response(200 if self.path == "/ok" else 503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def game_api() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _GameApi)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    thread.join()
+    server.server_close()
+
+
+def test_the_games_httpx_requests_are_timed(tmp_path: Path, game_api: str) -> None:
+    agent = Agent("1.0", data_dir=tmp_path).start()
+    rkey = str(agent.start_session())
+    with httpx.Client(base_url=game_api, transport=agent.timed_transport()) as client:
+        for path in ("/ok", "/ok", "/fail"):
+            client.get(path)
+    with httpx.Client(base_url=game_api, event_hooks=agent.httpx_event_hooks()) as client:
+        client.get("/ok")
+    with pytest.raises(httpx.ConnectError), agent.timed():
+        httpx.get("http://127.0.0.1:9/")  # nothing listens: a network error
+    agent.close()
+    performance = stored_record(tmp_path, rkey)["metadata"]["performanceMetrics"]
+    assert performance["errorCount"] == 2  # the 503 and the refused connection
+    assert stored_record(tmp_path, rkey)["activitySummary"]["totalEvents"] == 5
+
+
+def test_the_atexit_hook_closes_the_agent(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        """
+        import sys
+        from anisota_agent import Agent
+        agent = Agent("1.0", data_dir=sys.argv[1]).start()
+        print(agent.start_session(), flush=True)
+        agent.page("/last")
+        # the game exits without calling close()
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    record = stored_record(tmp_path, result.stdout.strip())
+    assert (record["status"], record["endReason"]) == ("ended", "app_close")
+    assert record["activitySummary"]["pagesVisited"] == ["/last"]
