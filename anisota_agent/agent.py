@@ -618,10 +618,7 @@ class Agent:
         with self._lock:
             session = self._active()
             if session is not None:
-                session.response_count += 1
-                session.response_total_ms += ms
-                if not ok:
-                    session.error_count += 1
+                session.count_response(ms, ok)
 
     def link_log(self, uri: str) -> None:
         """Link a ``net.anisota.beta.game.log`` record (its at-uri) to the session."""
@@ -684,11 +681,16 @@ class Agent:
 
         ``outcome``: ``ok`` (an answer), ``server_error`` (5xx, 408, 429) or
         ``network_error`` (no answer). It counts as a measured response of the
-        session (anything but ``ok`` is an error) and informs the network
-        condition. The timing helpers below call it for you.
+        live session (anything but ``ok`` is an error) and informs the network
+        condition, but is not player activity: a game polling its API in the
+        background still goes inactive. The timing helpers below call it for you.
         """
-        self._network.observe_request(elapsed_ms, outcome)  # validates outcome
-        self.response(elapsed_ms, ok=outcome == "ok")
+        self._network.observe_request(elapsed_ms, outcome)  # validates both
+        with self._lock:
+            session = self._session
+            if session is not None:
+                session.count_response(min(elapsed_ms, MAX_RESPONSE_MS), outcome == "ok")
+                self._dirty = True
 
     def httpx_event_hooks(self, *, asynchronous: bool = False) -> dict[str, list[Any]]:
         """``event_hooks`` for the game's ``httpx.Client`` (or ``AsyncClient``) that time
@@ -778,7 +780,9 @@ class Agent:
         with self._lock:
             session = self._session
             if session is not None:
-                session.set_condition(change.new, int(change.at * 1e9))
+                # The monitor's condition now, not change.new: two threads' changes
+                # can arrive out of order, and the latest state is what holds.
+                session.set_condition(self._network.condition, int(change.at * 1e9))
                 self._dirty = True
         if change.reconnected:
             self._wake()

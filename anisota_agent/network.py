@@ -272,7 +272,8 @@ class NetworkMonitor:
         ``counted=True`` says the probe's request was already reported through
         :meth:`observe_request` (it went through an instrumented client): then a
         failure only advances the probe backoff instead of counting as a second
-        network error.
+        network error (a success changes nothing more; its latency, from a cold
+        connection, has then already been sampled).
         """
         if elapsed_ms is not None and not 0 <= elapsed_ms < math.inf:
             raise ValueError(f"elapsed_ms must be None or finite >= 0; got {elapsed_ms!r}")

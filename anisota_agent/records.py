@@ -265,6 +265,13 @@ class SessionState:
         self.condition = condition
         self.condition_since_mono_ns = mono_ns
 
+    def count_response(self, ms: float, ok: bool) -> None:
+        """One measured response: its time, and whether it was an error."""
+        self.response_count += 1
+        self.response_total_ms += ms
+        if not ok:
+            self.error_count += 1
+
     def finish(self, status: str, reason: str, mono_ns: int) -> None:
         """Mark the session ended at ``mono_ns`` (never before its start)."""
         self.status = status

@@ -11,8 +11,9 @@ Runs on the agent's worker thread (or in ``anisota-agent flush``). Strategy:
   (an older mirrored version) is replaced with an idempotent ``putRecord``.
   So a retry can never make a second record, and a re-create's 500 can never
   wedge the queue.
-* A record the PDS refuses (400) is isolated with single ``putRecord`` calls
-  and quarantined with its error; the rest of its batch still syncs.
+* A record the PDS refuses (400) is isolated (the one write the PDS names,
+  else single ``putRecord`` calls) and quarantined with its error; the rest of
+  its batch still syncs. Batches also stay under the PDS's body size limit.
 * The write budget is read from the ``ratelimit-*`` headers: a batch never
   spends the last ``reserve_points`` of the window, and a 429 waits for
   ``retry-after`` / ``ratelimit-reset``. Until the budget is known, the first
@@ -157,6 +158,11 @@ class SyncEngine:
         total = 0
         done = 0
         self._deadline = deadline
+        if self.due():
+            # The wait is over: a past next_attempt_at left in the status made
+            # Uplink.seconds_until_retry() answer 0 for good, and the worker,
+            # which sleeps that long at most, spin without pause.
+            self.status.next_attempt_at = None
         try:
             while self.due() and (deadline is None or self._now() < deadline):
                 rows = self.store.due_for_sync(self.did, self._now(), limit=MAX_BATCH * 5)
@@ -372,12 +378,6 @@ class SyncEngine:
         if self._deadline is not None:
             timeout = max(0.05, min(timeout, self._deadline - self._now()))
         self.status.requests += 1
-        if write:
-            # Only this write's own answer may tell the write budget: forget the
-            # previous answer's headers (a read's per-IP bucket, say), so that a
-            # write answered without any (a 400 refused while parsing) does not
-            # pass them off as the write budget.
-            self.client.last_rate_limit = None
         try:
             answer = request(timeout)
         except RecordNotFound:
@@ -427,8 +427,7 @@ class SyncEngine:
     def _note_budget(self, write: bool) -> None:
         if write:
             self._wrote = True
-            if self.client.last_rate_limit is not None:  # else keep the last write's
-                self.status.budget = self.client.last_rate_limit
+            self.status.budget = self.client.last_rate_limit
 
     def _save_status(self) -> None:
         status = self.status
@@ -565,7 +564,10 @@ class Uplink:
         if self.engine is None or self.engine.status.auth_problem is not None:
             return None
         next_at = self.engine.status.next_attempt_at
-        return None if next_at is None else max(0.0, next_at - self._now())
+        now = self._now()
+        # A time already past is nothing to wait for (0 here would be a busy loop
+        # in the worker while nothing is due, e.g. after the queue was pruned).
+        return None if next_at is None or next_at <= now else next_at - now
 
     def sync(self, deadline: float | None = None) -> SyncStatus | None:
         """One sync pass (see :meth:`SyncEngine.sync`); None without an account."""

@@ -39,9 +39,6 @@ its first failure is logged with a traceback, later ones at debug level.
 This module imports httpx, which takes tens of milliseconds: import it lazily
 (from a function, or from the host that already uses httpx), never from the
 package's import path.
-
-:class:`SuspendDetector` (pure, no httpx) tells from wall and monotonic clock
-readings that the machine slept.
 """
 
 from __future__ import annotations
@@ -59,12 +56,10 @@ import httpx
 logger = logging.getLogger("anisota_agent")
 
 __all__ = [
-    "DEFAULT_SUSPEND_THRESHOLD_S",
     "START_EXTENSION",
     "AsyncTimedTransport",
     "Hooks",
     "Report",
-    "SuspendDetector",
     "Timed",
     "TimedTransport",
     "Timer",
@@ -347,48 +342,3 @@ def timed(report: Report, *, timer: Timer = perf_counter) -> Timed:
 
 
 # -- suspend detection ---------------------------------------------------------------
-
-#: Wall-clock time unaccounted for by the monotonic clock that means a suspend.
-DEFAULT_SUSPEND_THRESHOLD_S = 60.0
-
-
-class SuspendDetector:
-    """Detects that the machine slept, from paired wall and monotonic readings.
-
-    On Linux (``CLOCK_MONOTONIC``) and macOS the monotonic clock stops while the
-    machine is suspended and the wall clock does not, so between two readings
-    the wall clock runs ahead by the time slept. Pure: the caller (the worker,
-    every few seconds) passes the readings; not thread-safe.
-
-    - NTP slews (at most 0.5 ms/s) and small steps stay under the threshold.
-    - A wall-clock step back gives a negative difference: never a suspend.
-    - A manual forward step of the wall clock beyond the threshold looks exactly
-      like a suspend and is reported as one.
-    - Where the monotonic clock keeps counting during suspend (Windows), no gap
-      is seen; there the sleep already shows as monotonic idle time, which is
-      what an inactivity monitor measures anyway.
-    """
-
-    def __init__(self, threshold_s: float = DEFAULT_SUSPEND_THRESHOLD_S) -> None:
-        if not threshold_s > 0:
-            raise ValueError(f"threshold_s must be > 0; got {threshold_s!r}")
-        self._threshold_s = float(threshold_s)
-        self._previous: tuple[float, float] | None = None
-
-    def observe(self, wall_s: float, mono_s: float) -> float | None:
-        """Take a reading; return the seconds slept since the previous one, or None.
-
-        The gap is how far the wall clock ran ahead of the monotonic clock since
-        the previous reading, returned only when it exceeds the threshold. The
-        machine went to sleep after the previous reading: whatever was idle then
-        has been idle for the gap too. The first reading only sets the baseline.
-        """
-        previous = self._previous
-        self._previous = (wall_s, mono_s)
-        if previous is None:
-            return None
-        mono_step = mono_s - previous[1]
-        if mono_step < 0:  # not one monotonic clock: the new reading is the baseline
-            return None
-        gap = (wall_s - previous[0]) - mono_step
-        return gap if gap > self._threshold_s else None

@@ -364,9 +364,9 @@ class Worker:
             try:
                 engine.client.health(timeout=5.0)
             except Exception:
-                self._network.observe_probe(None)
+                self._network.observe_probe(None, counted=True)  # the client reported it
             else:
-                self._network.observe_probe((time.perf_counter() - began) * 1000)
+                self._network.observe_probe((time.perf_counter() - began) * 1000, counted=True)
                 engine.retry_now()  # the PDS answers: no reason to wait out a backoff
         transitions = self._network.pop_transitions()
         if transitions:

@@ -3,13 +3,14 @@
 Every variant sends the same requests through an ``httpx.Client`` over an
 ``httpx.MockTransport`` (no sockets, so the client's own work is the whole
 cost and the difference is the hooks'). Variants run interleaved, and each
-figure is the median over repeats of the mean µs per request.
+figure is the best of 9 runs of the mean µs per request: the overhead is a
+difference of two ~75 µs figures, and the best run is far less noisy than
+the median (scheduling noise only ever adds time).
 """
 
 from __future__ import annotations
 
 import functools
-import statistics
 import time
 from collections.abc import Callable
 
@@ -18,7 +19,7 @@ import httpx
 from anisota_agent.network import NetworkMonitor
 from anisota_agent.timing import START_EXTENSION, TimedTransport, event_hooks
 
-_REPEATS = 7
+_REPEATS = 9
 _URL = "http://game.test/"
 
 
@@ -68,8 +69,8 @@ def _direct_costs(count: int) -> dict[str, float]:
     ]
     request.extensions.pop(START_EXTENSION, None)
     return {
-        "hook_pair_direct_us": round(statistics.median(pair_runs), 3),
-        "monitor_observe_request_us": round(statistics.median(observe_runs), 3),
+        "hook_pair_direct_us": round(min(pair_runs), 3),
+        "monitor_observe_request_us": round(min(observe_runs), 3),
     }
 
 
@@ -93,11 +94,11 @@ def hook_overhead_us(requests: int = 2000) -> dict[str, float]:
     for client in clients.values():
         client.close()
     results: dict[str, float] = {"requests": float(requests)}
-    plain = statistics.median(runs["plain"])
+    plain = min(runs["plain"])
     for name, values in runs.items():
-        results[f"{name}_us"] = round(statistics.median(values), 2)
+        results[f"{name}_us"] = round(min(values), 2)
         if name != "plain":
-            results[f"{name}_overhead_us"] = round(statistics.median(values) - plain, 2)
+            results[f"{name}_overhead_us"] = round(min(values) - plain, 2)
     results.update(_direct_costs(requests))
     return results
 

@@ -15,7 +15,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import freezegun
 import freezegun.config
@@ -83,3 +83,37 @@ def pds_ratelimited(pds_kit: Path) -> Iterator[PdsServer]:
 @pytest.fixture
 def account(pds: PdsServer, request: pytest.FixtureRequest) -> Account:
     return pds.create_account(request.node.name[:8])
+
+
+@pytest.fixture(autouse=True)
+def every_record_is_valid(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
+    """Fail any test in which the agent stores a record the lexicon refuses.
+
+    Every write of a record goes through ``Store._write`` (checkpoints, finals) or
+    ``Store.expire`` (recovery); both are checked here, in every test. A test that
+    plants an invalid record on purpose says so with ``@pytest.mark.invalid_records``.
+    """
+    from anisota_agent.lexicon import RecordValidationError, validate_record
+    from anisota_agent.store import Store
+
+    if request.node.get_closest_marker("invalid_records"):
+        yield
+        return
+    refused: list[str] = []
+
+    def checked(method: Any, position: int) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                validate_record(args[position])
+            except RecordValidationError as error:
+                refused.append(str(error))
+            return method(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(Store, "_write", checked(Store._write, 3))
+    monkeypatch.setattr(Store, "expire", checked(Store.expire, 2))
+    yield
+    assert refused == [], f"the agent stored records the lexicon refuses: {refused}"

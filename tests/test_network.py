@@ -323,6 +323,24 @@ def test_a_failed_probe_counts_as_one_network_error() -> None:
     assert monitor.condition == "offline"
 
 
+def test_a_probe_already_counted_as_a_request_is_not_counted_twice() -> None:
+    monitor, clock = make()
+    waits, seen = [], []
+    for _ in range(3):  # the instrumented client reported each failure already
+        monitor.observe_request(5000.0, "network_error")
+        monitor.observe_probe(None, counted=True)
+        seen.append(monitor.condition)
+        due = monitor.next_probe_at()
+        assert due is not None
+        waits.append(due - clock.t)
+        clock.advance(waits[-1])
+    assert waits == [5, 10, 20]  # the backoff still advances
+    assert seen == ["unknown", "unknown", "offline"]  # three failures, not six
+    monitor.observe_request(40.0, "server_error")  # the PDS answered its health check, sick
+    monitor.observe_probe(None, counted=True)
+    assert monitor.condition == "online"  # the network works
+
+
 def test_any_answer_resets_the_backoff() -> None:
     monitor, clock = make()
     for _ in range(5):

@@ -1,4 +1,4 @@
-"""Tests for anisota_agent.timing: hooks, transports, timed(), SuspendDetector."""
+"""Tests for anisota_agent.timing: hooks, transports, timed()."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from anisota_agent.timing import (
     START_EXTENSION,
     AsyncTimedTransport,
     Hooks,
-    SuspendDetector,
     TimedTransport,
     async_event_hooks,
     classify_exception,
@@ -505,71 +504,3 @@ def test_timed_cancelled_coroutine_is_not_reported() -> None:
 
     asyncio.run(main())
     assert reports.calls == []
-
-
-# --- SuspendDetector ----------------------------------------------------------------------------
-
-
-def readings(detector: SuspendDetector, pairs: list[tuple[float, float]]) -> list[float | None]:
-    return [detector.observe(wall, mono) for wall, mono in pairs]
-
-
-WALL0 = 1_795_514_400.0  # 2026-11-24T10:00:00Z
-
-
-def test_suspend_first_reading_is_only_a_baseline() -> None:
-    assert SuspendDetector().observe(WALL0, 50.0) is None
-
-
-def test_suspend_clocks_in_step_are_not_a_suspend() -> None:
-    pairs = [(WALL0 + 5 * i, 50.0 + 5 * i) for i in range(100)]
-    assert readings(SuspendDetector(), pairs) == [None] * 100
-
-
-def test_suspend_is_detected_with_the_time_slept() -> None:
-    detector = SuspendDetector()
-    detector.observe(WALL0, 50.0)
-    # 5 s of monotonic time passed, but 2 h 5 s of wall time: slept 2 h.
-    assert detector.observe(WALL0 + 7205, 55.0) == pytest.approx(7200.0)
-    assert detector.observe(WALL0 + 7210, 60.0) is None  # new baseline after waking
-
-
-def test_suspend_threshold() -> None:
-    detector = SuspendDetector(threshold_s=60.0)
-    gaps = readings(detector, [(WALL0, 0.0), (WALL0 + 65, 5.0), (WALL0 + 131, 10.0)])
-    assert gaps == [None, None, pytest.approx(61.0)]
-
-
-def test_ntp_slews_and_small_steps_are_not_a_suspend() -> None:
-    detector = SuspendDetector()
-    detector.observe(WALL0, 0.0)
-    wall = WALL0
-    for i in range(1, 721):  # an hour of 5 s readings, the wall clock 0.5 ms/s fast
-        wall += 5.0025
-        assert detector.observe(wall, 5.0 * i) is None
-    assert detector.observe(wall + 5 + 3, 3605.0) is None  # a 3 s NTP step
-
-
-def test_a_wall_clock_step_back_is_not_a_suspend() -> None:
-    detector = SuspendDetector()
-    detector.observe(WALL0, 0.0)
-    assert detector.observe(WALL0 - 3600, 5.0) is None
-    assert detector.observe(WALL0 - 3595, 10.0) is None
-
-
-def test_a_monotonic_clock_going_back_restarts_the_baseline() -> None:
-    detector = SuspendDetector()
-    detector.observe(WALL0, 1000.0)
-    assert detector.observe(WALL0 + 7200, 5.0) is None
-    assert detector.observe(WALL0 + 7205 + 600, 10.0) == pytest.approx(600.0)
-
-
-def test_suspend_threshold_must_be_positive() -> None:
-    with pytest.raises(ValueError):
-        SuspendDetector(threshold_s=0)
-
-
-def test_observe_depends_only_on_its_arguments() -> None:
-    pairs = [(WALL0, 0.0), (WALL0 + 100, 1.0)]
-    assert readings(SuspendDetector(), pairs) == readings(SuspendDetector(), pairs)
-    assert readings(SuspendDetector(), pairs)[1] == pytest.approx(99.0)
