@@ -374,7 +374,7 @@ class Agent:
 
         The password is held in memory only until the worker has used it; the
         refresh token is kept in a 0600 file in the data dir, never the password.
-        ``status().auth`` tells how it went.
+        ``status().account`` and ``status().auth_problem`` tell how it went.
         """
         check_text("identifier", identifier, 2048)
         check_text("password", password, 1024)

@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from .lexicon import RecordValidationError, validate_record
 from .network import NetworkMonitor, interfaces_up
-from .records import SessionState, build_record, expire_record
+from .records import SessionState, build_record, expire_record, is_loopback_host
 
 if TYPE_CHECKING:
     from .store import Owner, Store, StoredSession
-    from .sync import Uplink
+    from .sync import SyncEngine, Uplink
 
 #: The app-password session (refresh token, 0600) beside the store.
 SESSION_FILENAME = "session.json"
@@ -355,10 +355,11 @@ class Worker:
         A closing agent does not probe: its time belongs to the last sync.
         """
         now = self._network_now()
-        if now - self._interfaces_polled_at >= INTERFACE_POLL_SECONDS:
+        engine = self._uplink.engine if self._uplink is not None else None
+        # A PDS on this machine is reachable whatever the interfaces say.
+        if not _is_local(engine) and now - self._interfaces_polled_at >= INTERFACE_POLL_SECONDS:
             self._interfaces_polled_at = now
             self._network.observe_interfaces(interfaces_up())
-        engine = self._uplink.engine if self._uplink is not None else None
         if probe and engine is not None and self._network.probe_due():
             began = time.perf_counter()
             try:
@@ -507,3 +508,10 @@ def owner_alive(pid: int | None, started: float | None, token: str | None) -> bo
     if pid == os.getpid():
         return token in LIVE_OWNER_TOKENS
     return True
+
+
+def _is_local(engine: SyncEngine | None) -> bool:
+    """Whether the PDS is on this machine: reachable whatever the interfaces say."""
+    from urllib.parse import urlsplit
+
+    return engine is not None and is_loopback_host(urlsplit(engine.client.base_url).hostname or "")
