@@ -31,7 +31,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import httpx
@@ -125,6 +125,7 @@ class SyncEngine:
         self._failures = 0
         self._deadline: float | None = None
         self._wrote = False  # has a write answered yet (so the budget is known)?
+        self._recall_budget()
 
     @property
     def did(self) -> str:
@@ -174,6 +175,25 @@ class SyncEngine:
             pass
         self._save_status()
         return self.status
+
+    def mirror(self, rkey: str, record: dict[str, Any]) -> bool:
+        """Put a live session's current version (idempotent putRecord), within budget."""
+        if not self.due():
+            return False
+        # Marked before the put, like in_flight: a put whose answer is lost may
+        # have landed, and the final write of a mirrored session looks first.
+        # (Marked after, a lost answer left a record the final #create collided
+        # with: a 500 for its whole batch and a backoff.)
+        self.store.mark_mirrored(rkey)
+        try:
+            self._ensure_budget(PUT_POINTS)
+            self._call(self._put_record(rkey, record), write=True)
+        except (SyncStopped, InvalidRequest, PayloadTooLarge) as failure:
+            reason = self.status.last_error or failure
+            logger.warning("mirroring session %s failed: %s", rkey, reason)
+            return False
+        self.status.points_spent += PUT_POINTS
+        return True
 
     # -- one round ---------------------------------------------------------------
 
@@ -324,13 +344,7 @@ class SyncEngine:
         self._ensure_budget(PUT_POINTS)
         self.store.mark_in_flight([row.rkey])
         try:
-            answer = self._call(
-                lambda timeout: self.client.put_record(
-                    self.did, SESSION_NSID, row.rkey, row.record, timeout=timeout
-                ),
-                [row.rkey],
-                write=True,
-            )
+            answer = self._call(self._put_record(row.rkey, row.record), [row.rkey], write=True)
         except (InvalidRequest, PayloadTooLarge) as refused:
             self.store.quarantine(row.rkey, f"{type(refused).__name__}: {refused}")
             self.status.quarantined += 1
@@ -360,6 +374,11 @@ class SyncEngine:
 
     def _apply_writes(self, writes: list[dict[str, Any]]) -> Request:
         return lambda timeout: self.client.apply_writes(self.did, writes, timeout=timeout)
+
+    def _put_record(self, rkey: str, record: dict[str, Any]) -> Request:
+        return lambda timeout: self.client.put_record(
+            self.did, SESSION_NSID, rkey, record, timeout=timeout
+        )
 
     def _get_record(self, rkey: str) -> Request:
         return lambda timeout: self.client.get_record(self.did, SESSION_NSID, rkey, timeout=timeout)
@@ -429,8 +448,20 @@ class SyncEngine:
             self._wrote = True
             self.status.budget = self.client.last_rate_limit
 
+    def _recall_budget(self) -> None:
+        """The budget an earlier engine (another run, the CLI) last saw, if still current.
+
+        Without it a new engine's first batch would be blind, and could spend a
+        little of the reserve.
+        """
+        saved = self.store.meta().get(f"sync.budget.{self.did}")
+        if saved and saved.get("reset_at", 0) > self._now():
+            self.status.budget = RateLimit(**saved)
+            self._wrote = True
+
     def _save_status(self) -> None:
         status = self.status
+        budget = asdict(status.budget) if status.budget is not None else None
         try:
             self.store.set_meta(
                 {
@@ -439,6 +470,7 @@ class SyncEngine:
                     "sync.last_error": status.last_error,
                     "sync.next_attempt_at": status.next_attempt_at,
                     "sync.auth_problem": status.auth_problem,
+                    f"sync.budget.{self.did}": budget,
                 }
             )
         except Exception as failure:  # the CLI's view is not worth a lost round
@@ -576,21 +608,8 @@ class Uplink:
         return self.engine.sync(deadline)
 
     def mirror(self, rkey: str, record: dict[str, Any]) -> bool:
-        """Put the live session's current record on the PDS (idempotent putRecord)."""
-        engine = self.engine
-        if engine is None or not engine.due():
-            return False
-        # Marked before the put, like in_flight: a put whose answer is lost may
-        # have landed, and the final write of a mirrored session looks first.
-        # (Marked after, a lost answer left a record the final #create collided
-        # with: a 500 for its whole batch and a backoff.)
-        self.store.mark_mirrored(rkey)
-        try:
-            engine.client.put_record(engine.did, SESSION_NSID, rkey, record)
-        except XrpcError as failure:
-            logger.warning("mirroring session %s failed: %s", rkey, failure)
-            return False
-        return True
+        """Put the live session's current record on the PDS (see :meth:`SyncEngine.mirror`)."""
+        return self.engine is not None and self.engine.mirror(rkey, record)
 
     def close(self) -> None:
         """Close the connections (the account stays saved)."""

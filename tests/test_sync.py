@@ -753,13 +753,20 @@ def test_mirror_whose_answer_was_lost_is_replaced_by_the_final_record_without_a_
         live.pop(key)
     validate_record(live)
     assert store.checkpoint(rkey, account.did, live, OWNER, "2026-11-24")
-    uplink = Uplink(store, MemoryTokenStore())
+    clock = Clock()
+    uplink = Uplink(store, MemoryTokenStore(), now=clock)
     uplink.use_host_auth(Bearer(account.access_jwt), account.did, proxy.url)
     try:
         proxy.drop_response_once(xrpc(PUT))
         assert not uplink.mirror(rkey, live)  # it landed, but the answer was lost
         remote = pds.get_record(account, SESSION_COLLECTION, rkey)
         assert remote is not None and remote["value"] == live
+        # A lost answer is a network failure like any other: the sync backs off.
+        assert uplink.engine is not None and not uplink.engine.due()
+        assert uplink.sync() is not None and proxy.requests_seen() == 1
+        next_at = uplink.engine.status.next_attempt_at
+        assert next_at is not None
+        clock.move_to(next_at)
 
         assert store.finalize(rkey, account.did, record, OWNER, "2026-11-24")
         status = uplink.sync()
@@ -797,3 +804,24 @@ def test_a_backoff_that_has_passed_leaves_the_worker_nothing_to_wait_for(
     finally:
         uplink.close()
     assert_exactly_once(pds, account, store, rkeys)
+
+
+def test_a_new_engine_recalls_the_budget_an_earlier_one_saw(
+    pds: PdsServer, account: Account, store: Store, proxy: FaultProxy
+) -> None:
+    """A CLI flush or a restarted game must not send a blind first batch into the reserve."""
+    seed(store, account.did, 5)
+    reset_at = time.time() + 600
+    budget = {"limit": 5000, "remaining": 1004, "reset_at": reset_at, "window": 3600}
+    store.set_meta({f"sync.budget.{account.did}": budget})
+    uplink = Uplink(store, MemoryTokenStore(), reserve_points=1000)
+    uplink.use_host_auth(Bearer(account.access_jwt), account.did, proxy.url)
+    try:
+        status = uplink.sync()
+    finally:
+        uplink.close()
+    # 4 points above the reserve: the first batch is one create (3 points), not
+    # the blind FIRST_BATCH that would have taken all 5. This PDS enforces no
+    # limits, so its answer carries no budget and the other 4 follow at once.
+    assert status is not None and status.synced == 5 and status.budget is None
+    assert proxy.requests_seen("/xrpc/com.atproto.repo.applyWrites") == 2
