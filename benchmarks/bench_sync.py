@@ -15,7 +15,6 @@ Target: 1,000 sessions in <= 5 s and <= 10 requests, 0 duplicates.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 import time
@@ -25,13 +24,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from faultproxy import FaultProxy  # tests/ is on the path (above)
+from agent_helpers import seed  # tests/ is on the path (above)
+from faultproxy import FaultProxy
 from pds_harness import PdsServer
 
 from anisota_agent.auth import AppPasswordSession, MemoryTokenStore
-from anisota_agent.clock import TidGenerator
-from anisota_agent.records import SessionContext, SessionState, build_record
-from anisota_agent.store import DB_FILENAME, Owner, Store
+from anisota_agent.store import DB_FILENAME, Store
 from anisota_agent.sync import DEFAULT_RESERVE_POINTS, SyncEngine
 
 TARGET_SECONDS = 5.0
@@ -43,31 +41,6 @@ _METHODS = (
     "com.atproto.repo.listRecords",
     "com.atproto.server.refreshSession",
 )
-
-
-def seed(store: Store, did: str, count: int) -> list[str]:
-    """``count`` finished sessions of ``did``, queued as a game leaves them."""
-    tids = TidGenerator()
-    owner = Owner(os.getpid(), 0.0, "bench")
-    started_ms = int(time.time() * 1000) - count * 60_000
-    rkeys = []
-    for index in range(count):
-        state = SessionState(
-            rkey=tids.next(),
-            client_version="bench",
-            platform="desktop",
-            context=SessionContext(entry_point="direct", authentication_method="oauth"),
-            started_wall_ms=started_ms + index * 60_000,
-            started_mono_ns=0,
-            did=did,
-        )
-        state.total_events = 20 + index % 50
-        state.pages = {"/garden": None, f"/zone/{index % 9}": None}
-        state.actions = {"specimensCollected": index % 4, "postsViewed": index % 11}
-        state.finish("ended", "logout", 45_000_000_000)
-        store.finalize(state.rkey, did, build_record(state, 45_000_000_000), owner, "2026-11-24")
-        rkeys.append(state.rkey)
-    return rkeys
 
 
 def drain_benchmark(sessions: int = 1000, *, rate_limits: bool = True) -> dict[str, Any]:

@@ -1,21 +1,51 @@
-"""Helpers shared by the agent tests: reading what an agent stored."""
+"""Helpers shared by the tests: what an agent stored, sessions to sync, fixed auth."""
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
+from collections.abc import Generator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
+
+from anisota_agent.clock import TidGenerator
 from anisota_agent.lexicon import validate_record
-from anisota_agent.store import DB_FILENAME, Store, StoredSession
+from anisota_agent.records import (
+    MAX_FEATURE_LEN,
+    MAX_FEATURES,
+    MAX_LINKED_URIS,
+    MAX_PAGES,
+    MAX_ROUTE_LEN,
+    MAX_URI_LEN,
+    SessionContext,
+    SessionState,
+    build_record,
+)
+from anisota_agent.store import DB_FILENAME, Owner, Store, StoredSession
+
+#: The owner of sessions a test queues directly in a store (no agent records them).
+OWNER = Owner(os.getpid(), 0.0, "test")
+_TIDS = TidGenerator()
+
+
+@contextmanager
+def store_at(data_dir: Path) -> Iterator[Store]:
+    """The store an agent keeps in ``data_dir``, opened for the test and closed after."""
+    store = Store.open(data_dir / DB_FILENAME)
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 def stored(data_dir: Path, rkey: str) -> StoredSession:
     """The session row an agent wrote to ``data_dir``; fails the test if absent."""
-    store = Store.open(data_dir / DB_FILENAME)
-    try:
+    with store_at(data_dir) as store:
         row = store.get(rkey)
-    finally:
-        store.close()
     assert row is not None, f"session {rkey} is not in the store"
     return row
 
@@ -29,47 +59,64 @@ def stored_record(data_dir: Path, rkey: str) -> dict[str, Any]:
 
 def all_sessions(data_dir: Path) -> list[StoredSession]:
     """Every session in the store at ``data_dir``."""
-    store = Store.open(data_dir / DB_FILENAME)
-    try:
+    with store_at(data_dir) as store:
         return list(store.iter_sessions())
-    finally:
-        store.close()
 
 
-def seed_pending(
-    data_dir: Path | None, did: str, count: int, store: Store | None = None
-) -> list[str]:
-    """``count`` finished sessions of ``did``, queued for sync as a game would leave them."""
-    import os
+def session_record(did: str, index: int, *, large: bool = False) -> tuple[str, dict[str, Any]]:
+    """A finished session's rkey and record, built as the agent builds it."""
+    state = SessionState(
+        rkey=_TIDS.next(),
+        client_version="1.4.2",
+        platform="desktop",
+        context=SessionContext(entry_point="direct", authentication_method="existing_session"),
+        started_wall_ms=1_795_514_400_000 + index * 60_000,
+        started_mono_ns=0,
+        did=did,
+    )
+    state.total_events = index
+    state.pages = {f"/garden/{index % 5}": None, "/inventory": None}
+    state.actions = {"itemsCollected": index % 3}
+    if large:  # every list at its cap, every string at its length limit: ~13 KB
+        state.pages = {f"/{i:02d}".ljust(MAX_ROUTE_LEN, "p"): None for i in range(MAX_PAGES)}
+        state.features = {f"{i:02d}".ljust(MAX_FEATURE_LEN, "f"): None for i in range(MAX_FEATURES)}
+        for uris, kind in ((state.log_uris, "log"), (state.progress_uris, "progress")):
+            for i in range(MAX_LINKED_URIS):
+                uri = f"at://{did}/net.anisota.beta.game.{kind}/{i:02d}"
+                uris[uri.ljust(MAX_URI_LEN, "x")] = None
+    state.finish("ended", "logout", (index + 1) * 1_000_000_000)
+    return state.rkey, build_record(state, (index + 1) * 1_000_000_000)
 
-    from anisota_agent.clock import TidGenerator
-    from anisota_agent.records import SessionContext, SessionState, build_record
-    from anisota_agent.store import Owner
 
-    own = store is None
-    if store is None:
-        assert data_dir is not None
-        store = Store.open(data_dir / DB_FILENAME)
-    tids = TidGenerator()
-    owner = Owner(os.getpid(), 0.0, "seed")
+def seed(store: Store, did: str, count: int, *, large: bool = False) -> list[str]:
+    """``count`` finished sessions of ``did`` queued for sync; their rkeys, oldest first."""
     rkeys = []
-    try:
-        for i in range(count):
-            state = SessionState(
-                rkey=tids.next(),
-                client_version="seed",
-                platform="desktop",
-                context=SessionContext(entry_point="direct"),
-                started_wall_ms=1_795_514_400_000 + i * 1000,
-                started_mono_ns=0,
-                did=did,
-            )
-            state.pages = {f"/page{i % 7}": None}
-            state.finish("ended", "logout", 600_000_000)
-            record = build_record(state, 600_000_000)
-            store.finalize(state.rkey, did, record, owner, "2026-11-24")
-            rkeys.append(state.rkey)
-    finally:
-        if own:
-            store.close()
+    for index in range(count):
+        rkey, record = session_record(did, index, large=large)
+        assert store.finalize(rkey, did, record, OWNER, "2026-11-24")
+        rkeys.append(rkey)
     return rkeys
+
+
+class Bearer(httpx.Auth):
+    """A host's own auth, reduced to a fixed access token."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["Authorization"] = f"Bearer {self.token}"
+        yield request
+
+
+def race(threads: list[threading.Thread]) -> None:
+    """Start and join ``threads`` with a tiny switch interval, so they interleave hard."""
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(old_interval)

@@ -15,12 +15,13 @@ import sys
 import threading
 import types
 from collections import Counter
-from collections.abc import Generator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from agent_helpers import Bearer
 from pds_harness import SESSION_COLLECTION, Account, PdsServer
 
 from anisota_agent.auth import (
@@ -55,17 +56,6 @@ class CountingTransport(httpx.HTTPTransport):
         with self._lock:
             self.calls[request.url.path.removeprefix("/xrpc/")] += 1
         return super().handle_request(request)
-
-
-class Bearer(httpx.Auth):
-    """A host's own auth, reduced to a fixed token."""
-
-    def __init__(self, token: str) -> None:
-        self.token = token
-
-    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        request.headers["Authorization"] = f"Bearer {self.token}"
-        yield request
 
 
 def record() -> dict[str, Any]:

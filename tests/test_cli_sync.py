@@ -7,11 +7,10 @@ import stat
 from pathlib import Path
 
 import pytest
-from agent_helpers import all_sessions, seed_pending
+from agent_helpers import all_sessions, seed, store_at
 from pds_harness import Account, PdsServer
 
 from anisota_agent.cli import main
-from anisota_agent.store import DB_FILENAME, Store
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -35,7 +34,8 @@ def logged_in(
         *("--pds-url", pds.url, "--identifier", account.handle),
     )
     assert code == 0 and account.did in out
-    Store.open(tmp_path / DB_FILENAME).close()  # as a game's first run would leave it
+    with store_at(tmp_path):
+        pass  # a store as a game's first run leaves it
     return tmp_path
 
 
@@ -73,7 +73,8 @@ def test_wrong_password_fails_without_traceback(
 def test_flush_syncs_everything_with_progress(
     logged_in: Path, pds: PdsServer, account: Account, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    rkeys = seed_pending(logged_in, account.did, 25)
+    with store_at(logged_in) as store:
+        rkeys = seed(store, account.did, 25)
     code, out, err = run(capsys, "--data-dir", str(logged_in), "flush")
     assert code == 0, err
     assert out.startswith("synced 25, quarantined 0, left 0")
@@ -88,7 +89,8 @@ def test_flush_syncs_everything_with_progress(
 def test_flush_without_login_exits_non_zero(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    Store.open(tmp_path / DB_FILENAME).close()
+    with store_at(tmp_path):
+        pass
     code, _, err = run(capsys, "--data-dir", str(tmp_path), "flush")
     assert code == 1 and "not logged in" in err
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 import threading
 
 import pytest
+from agent_helpers import race
 from freezegun import freeze_time
 
 from anisota_agent.clock import (
@@ -226,15 +226,7 @@ def test_tids_unique_and_ordered_across_threads() -> None:
         out.extend(gen.next() for _ in range(calls))
 
     workers = [threading.Thread(target=work, args=(out,)) for out in results]
-    old_interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
-    finally:
-        sys.setswitchinterval(old_interval)
+    race(workers)
     for out in results:
         assert out == sorted(out)  # each thread sees an increasing sequence
     assert len({tid for out in results for tid in out}) == threads * calls

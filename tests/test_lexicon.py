@@ -10,6 +10,7 @@ from collections import OrderedDict
 from typing import Any
 
 import pytest
+from agent_helpers import race
 
 from anisota_agent.lexicon import (
     SESSION_NSID,
@@ -274,15 +275,7 @@ def test_field_paths_are_right_under_concurrent_validation() -> None:
         threading.Thread(target=work, args=(record, out))
         for (record, _), out in zip(cases, seen, strict=True)
     ]
-    old_interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
-    finally:
-        sys.setswitchinterval(old_interval)
+    race(workers)
     assert seen == [{field} for _, field in cases]
 
 

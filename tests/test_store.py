@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from agent_helpers import seed_pending
+from agent_helpers import seed, store_at
 
 from anisota_agent import Agent
 from anisota_agent.store import DB_FILENAME, Store, migrations
@@ -30,7 +30,7 @@ def test_migrations_apply_once_and_wal_is_on(tmp_path: Path) -> None:
 def test_prune_drops_synced_first_then_quarantined_then_unsynced(tmp_path: Path) -> None:
     store = Store.open(tmp_path / DB_FILENAME)
     try:
-        rkeys = seed_pending(None, DID, 12, store=store)
+        rkeys = seed(store, DID, 12)
         for rkey in rkeys[:4]:
             store.mark_synced(rkey, f"at://{DID}/x/{rkey}", "cid", at=1_000.0)
         for rkey in rkeys[4:6]:
@@ -49,7 +49,7 @@ def test_prune_drops_synced_first_then_quarantined_then_unsynced(tmp_path: Path)
 def test_prune_by_age_keeps_unsynced_sessions(tmp_path: Path) -> None:
     store = Store.open(tmp_path / DB_FILENAME)
     try:
-        rkeys = seed_pending(None, DID, 3, store=store)
+        rkeys = seed(store, DID, 3)
         store.mark_synced(rkeys[0], f"at://{DID}/x/{rkeys[0]}", "cid", at=1_000.0)
         dropped = store.prune(max_bytes=10**9, max_age_s=86400, now=1_000.0 + 2 * 86400)
         left = [row.rkey for row in store.iter_sessions()]
@@ -60,7 +60,8 @@ def test_prune_by_age_keeps_unsynced_sessions(tmp_path: Path) -> None:
 
 
 def test_the_agent_prunes_on_start_and_counts_the_losses(tmp_path: Path) -> None:
-    seed_pending(tmp_path, DID, 300)
+    with store_at(tmp_path) as store:
+        seed(store, DID, 300)
     agent = Agent("1.0", data_dir=tmp_path, max_store_bytes=100_000).start()
     assert agent.flush()
     counters = agent.status().counters

@@ -19,14 +19,13 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-from agent_helpers import stored_record
+from agent_helpers import OWNER, Bearer, seed, session_record, stored_record
 from faultproxy import FaultProxy
 from pds_harness import SESSION_COLLECTION, Account, PdsServer
 
@@ -34,22 +33,10 @@ from anisota_agent import Agent
 from anisota_agent.auth import AppPasswordSession, MemoryTokenStore
 from anisota_agent.clock import TidGenerator
 from anisota_agent.lexicon import validate_record
-from anisota_agent.records import (
-    MAX_FEATURE_LEN,
-    MAX_FEATURES,
-    MAX_LINKED_URIS,
-    MAX_PAGES,
-    MAX_ROUTE_LEN,
-    MAX_URI_LEN,
-    SessionContext,
-    SessionState,
-    build_record,
-)
-from anisota_agent.store import DB_FILENAME, Owner, Store, StoredSession
+from anisota_agent.store import DB_FILENAME, Store, StoredSession
 from anisota_agent.sync import FIRST_BATCH, MAX_BATCH, SyncEngine, Uplink
 
 TIDS = TidGenerator()
-OWNER = Owner(os.getpid(), 0.0, "test-sync")
 APPLY = "com.atproto.repo.applyWrites"
 PUT = "com.atproto.repo.putRecord"
 GET = "com.atproto.repo.getRecord"
@@ -61,44 +48,6 @@ FILLER = "net.anisota.test.filler"  # another collection, to spend a write budge
 def xrpc(nsid: str) -> str:
     """The URL path of an XRPC method (what the proxy counts by prefix)."""
     return f"/xrpc/{nsid}"
-
-
-# -- sessions in a store, without an agent --------------------------------------------
-
-
-def session_record(did: str, index: int, *, large: bool = False) -> tuple[str, dict[str, Any]]:
-    """A finished session's rkey and record, built as the agent builds it."""
-    state = SessionState(
-        rkey=TIDS.next(),
-        client_version="1.4.2",
-        platform="desktop",
-        context=SessionContext(entry_point="direct", authentication_method="existing_session"),
-        started_wall_ms=1_795_514_400_000 + index * 60_000,
-        started_mono_ns=0,
-        did=did,
-    )
-    state.total_events = index
-    state.pages = {f"/garden/{index % 5}": None, "/inventory": None}
-    state.actions = {"itemsCollected": index % 3}
-    if large:  # every list at its cap, every string at its length limit: ~13 KB
-        state.pages = {f"/{i:02d}".ljust(MAX_ROUTE_LEN, "p"): None for i in range(MAX_PAGES)}
-        state.features = {f"{i:02d}".ljust(MAX_FEATURE_LEN, "f"): None for i in range(MAX_FEATURES)}
-        for uris, kind in ((state.log_uris, "log"), (state.progress_uris, "progress")):
-            for i in range(MAX_LINKED_URIS):
-                uri = f"at://{did}/net.anisota.beta.game.{kind}/{i:02d}"
-                uris[uri.ljust(MAX_URI_LEN, "x")] = None
-    state.finish("ended", "logout", (index + 1) * 1_000_000_000)
-    return state.rkey, build_record(state, (index + 1) * 1_000_000_000)
-
-
-def seed(store: Store, did: str, count: int, *, large: bool = False) -> list[str]:
-    """``count`` finished sessions of ``did`` queued for sync; their rkeys, oldest first."""
-    rkeys = []
-    for index in range(count):
-        rkey, record = session_record(did, index, large=large)
-        assert store.finalize(rkey, did, record, OWNER, "2026-11-24")
-        rkeys.append(rkey)
-    return rkeys
 
 
 def rows(store: Store) -> dict[str, StoredSession]:
@@ -731,17 +680,6 @@ def test_large_records_are_batched_under_the_body_limit(
 
 
 # -- mirrored sessions ------------------------------------------------------------------------
-
-
-class Bearer(httpx.Auth):
-    """A host's own auth, reduced to a fixed token."""
-
-    def __init__(self, token: str) -> None:
-        self.token = token
-
-    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        request.headers["Authorization"] = f"Bearer {self.token}"
-        yield request
 
 
 def test_mirror_whose_answer_was_lost_is_replaced_by_the_final_record_without_a_500(

@@ -12,11 +12,12 @@ import email.utils
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
+from agent_helpers import Bearer
 from faultproxy import FaultProxy
 from freezegun import freeze_time
 from pds_harness import SESSION_COLLECTION, Account, PdsServer
@@ -49,17 +50,6 @@ from anisota_agent.xrpc import (
 TIDS = TidGenerator()
 FROZEN = "2026-11-24T10:00:00Z"
 FROZEN_EPOCH = 1795514400.0
-
-
-class Bearer(httpx.Auth):
-    """A fixed access token (the real sessions live in ``anisota_agent.auth``)."""
-
-    def __init__(self, token: str) -> None:
-        self.token = token
-
-    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        request.headers["Authorization"] = f"Bearer {self.token}"
-        yield request
 
 
 class CountingTransport(httpx.HTTPTransport):
