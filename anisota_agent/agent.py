@@ -66,8 +66,9 @@ DEFAULT_MAX_STORE_BYTES = 20_000_000  # of records: about 20,000 typical session
 DEFAULT_RETENTION_DAYS = 30.0
 DEFAULT_SLOW_THRESHOLD_MS = 2000.0
 #: The wall clock running this far ahead of the monotonic clock means the
-#: machine slept (CLOCK_MONOTONIC stops during suspend) or the clock was stepped
-#: forward: either way the player was not playing in between.
+#: machine slept and the monotonic clock did not count it (where no
+#: suspend-aware clock exists), or the wall clock was stepped forward: either way
+#: the player was not playing in between.
 SUSPEND_THRESHOLD_NS = 60 * 1_000_000_000
 _GAME_ACTION_SET = frozenset(GAME_ACTIONS)
 
@@ -201,7 +202,9 @@ class Agent:
         # The last session that ended for inactivity: activity after it resumes play.
         self._resumable: SessionState | None = None
         self._finished: list[SessionState] = []
+        # Changes the activity counter does not show (start, network, account).
         self._dirty = False
+        self._collected_events = 0  # the live session's total_events at the last round
         self._dropped: Counter[str] = Counter()
         self._dropped_total: Counter[str] = Counter()
         self._waiters: list[threading.Event] = []
@@ -617,8 +620,11 @@ class Agent:
             raise TypeError(f"ok must be a bool; got {type(ok).__name__}")
         with self._lock:
             session = self._active()
-            if session is not None:
-                session.count_response(ms, ok)
+            if session is not None:  # inline, not count_response(): the hot path
+                session.response_count += 1
+                session.response_total_ms += ms
+                if not ok:
+                    session.error_count += 1
 
     def link_log(self, uri: str) -> None:
         """Link a ``net.anisota.beta.game.log`` record (its at-uri) to the session."""
@@ -643,18 +649,16 @@ class Agent:
     def _active(self) -> SessionState | None:
         """The live session, with this call counted as activity (lock held).
 
-        Ends a session that went idle, slept or aged out, and resumes play in a
-        new one (a continuation when recent enough). The common case is two clock
-        reads and three comparisons against bounds fixed at the session's start.
+        Ends a session that went idle, and resumes play in a new one (a
+        continuation when recent enough). One clock read, one comparison: the
+        clock counts time asleep, so a suspend is inactivity like any other; the
+        maximum age, and a sleep the clock could not count, are the worker's to
+        catch (within one checkpoint interval). The worker finds the change from
+        ``total_events``.
         """
         now = self._mono()
         session = self._session
-        if (
-            session is None
-            or now - session.last_activity_mono_ns > self._idle_ns
-            or now > session.expires_mono_ns
-            or self._wall() - now > session.asleep_offset_ns
-        ):
+        if session is None or now - session.last_activity_mono_ns > self._idle_ns:
             if self._end_if_idle_locked(now):
                 self._wake()
             session = self._resume_locked(now)
@@ -664,7 +668,6 @@ class Agent:
                 return None
         session.total_events += 1
         session.last_activity_mono_ns = now
-        self._dirty = True
         return session
 
     def _add_unique(self, items: dict[str, None], item: str, cap: int, overflow: str) -> None:
@@ -737,8 +740,11 @@ class Agent:
         """Hand the worker what changed since its last round (called by the worker)."""
         with self._lock:
             session = self._session
+            changed = session is not None and (
+                self._dirty or session.total_events != self._collected_events
+            )
             work = Work(
-                live=session.copy() if session is not None and self._dirty else None,
+                live=session.copy() if session is not None and changed else None,
                 finished=self._finished,
                 dropped=dict(self._dropped),
                 waiters=self._waiters,
@@ -754,6 +760,7 @@ class Agent:
             self._finished = []
             self._waiters = []
             self._dirty = False
+            self._collected_events = session.total_events if session is not None else 0
             self._purge = False
         return work
 

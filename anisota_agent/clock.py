@@ -7,8 +7,10 @@ buried in the logic.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -40,17 +42,41 @@ class Clock(Protocol):
         ...
 
 
+def suspend_aware_monotonic_ns() -> Callable[[], int]:
+    """A monotonic clock that keeps counting while the machine sleeps, where one exists.
+
+    With it, a suspended machine simply shows up as time without activity: a
+    sleep longer than the inactivity timeout ends the session at its last
+    activity, as if the player had walked away then. Linux: ``CLOCK_BOOTTIME``;
+    macOS: ``CLOCK_MONOTONIC`` (``time.monotonic`` there stops during sleep);
+    elsewhere ``time.monotonic_ns`` (on Windows it counts through sleep).
+    """
+    if sys.platform.startswith("linux") and hasattr(time, "CLOCK_BOOTTIME"):
+        return functools.partial(time.clock_gettime_ns, time.CLOCK_BOOTTIME)
+    if sys.platform == "darwin" and hasattr(time, "clock_gettime_ns"):
+        return functools.partial(time.clock_gettime_ns, time.CLOCK_MONOTONIC)
+    return time.monotonic_ns
+
+
+#: The id of ``time.monotonic_ns`` as this module found it: a different one later
+#: is a test's fake. (An id, because freezegun swaps every module attribute that
+#: *is* the real function, ours included.)
+_SYSTEM_MONOTONIC_NS_ID = id(time.monotonic_ns)
+
+
 class SystemClock:
     """The real clocks of this process.
 
-    ``wall_ns`` and ``monotonic_ns`` are the ``time`` module's own functions,
-    bound when the clock is made: they sit on the game's hot path, where a
-    Python-level wrapper would double the cost of an activity call. A freezegun
-    freeze active when the clock (or the agent) is made therefore drives it;
-    one started later does not. Beware that freezegun's default ignore list
-    contains ``threading`` and ``queue``: a call made within five stack frames
-    of a ``threading.py`` frame gets the *real* time; tests that freeze time for
-    a worker thread should configure freezegun's ignore list.
+    ``wall_ns`` is ``time.time_ns``; ``monotonic_ns`` is
+    :func:`suspend_aware_monotonic_ns`. Both are bound when the clock is made,
+    as plain functions: they sit on the game's hot path, where a Python-level
+    wrapper would double the cost of an activity call. A freezegun freeze active
+    when the clock (or the agent) is made drives both (its fake
+    ``time.monotonic_ns`` wins); one started later does not. Beware that
+    freezegun's default ignore list contains ``threading`` and ``queue``: a call
+    made within five stack frames of a ``threading.py`` frame gets the *real*
+    time; tests that freeze time for a worker thread should configure
+    freezegun's ignore list.
     """
 
     def __init__(self, monotonic_ns: Callable[[], int] | None = None) -> None:
@@ -59,10 +85,13 @@ class SystemClock:
         This lets a test move the monotonic clock independently of a
         freezegun-driven wall clock (freezegun ties the two together).
         """
+        if monotonic_ns is None:
+            faked = id(time.monotonic_ns) != _SYSTEM_MONOTONIC_NS_ID
+            monotonic_ns = time.monotonic_ns if faked else suspend_aware_monotonic_ns()
         #: Nanoseconds since the Unix epoch (``time.time_ns``).
         self.wall_ns: Callable[[], int] = time.time_ns
-        #: Monotonic nanoseconds (``time.monotonic_ns``, or the override).
-        self.monotonic_ns: Callable[[], int] = monotonic_ns or time.monotonic_ns
+        #: Monotonic nanoseconds that include time asleep, where the OS can tell.
+        self.monotonic_ns: Callable[[], int] = monotonic_ns
 
 
 # --- Lexicon datetimes -------------------------------------------------------

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -119,8 +122,32 @@ def test_a_call_after_the_timeout_ends_the_old_session_itself(
     assert stored_record(tmp_path, str(second))["parentSessionUri"] == uri(first)
 
 
-def test_suspend_counts_as_inactive_from_when_the_machine_slept(tmp_path: Path) -> None:
-    """The wall clock jumps 2 h while the monotonic clock stands still (suspend)."""
+def test_suspend_is_inactivity_from_when_the_machine_slept(
+    tmp_path: Path, frozen: FrozenDateTimeFactory
+) -> None:
+    """The agent's clock counts time asleep (CLOCK_BOOTTIME on Linux): a 2 h
+    suspend is 2 h without activity, noticed by the game's first call on waking."""
+    agent = make_agent(tmp_path, window=30 * MINUTE)
+    first = str(agent.start_session())
+    frozen.tick(90)
+    agent.page("/before-sleep")
+    frozen.tick(2 * 3600)  # asleep
+    agent.page("/after-wake")
+    second = agent.status().session
+    agent.close()
+    assert second not in (None, first)
+    before = stored_record(tmp_path, first)
+    assert (before["endReason"], before["endedAt"]) == ("inactivity", "2026-11-24T10:01:30.000Z")
+    assert before["activitySummary"]["pagesVisited"] == ["/before-sleep"]
+    after = stored_record(tmp_path, str(second))
+    assert after["startedAt"] == "2026-11-24T12:01:30.000Z"
+    assert "parentSessionUri" not in after  # 2 h away: past the 30 min window
+    assert after["activitySummary"]["pagesVisited"] == ["/after-wake"]
+
+
+def test_suspend_the_clock_did_not_count_is_caught_by_the_worker(tmp_path: Path) -> None:
+    """Where the monotonic clock stops during suspend, the wall clock runs ahead of
+    it; the worker's next round sees that and ends the session when it slept."""
     mono = [50_000_000_000]
     with freeze_time("2026-11-24T10:00:00Z") as frozen:
         agent = Agent(
@@ -135,25 +162,30 @@ def test_suspend_counts_as_inactive_from_when_the_machine_slept(tmp_path: Path) 
         frozen.tick(90)
         agent.page("/before-sleep")
         frozen.tick(2 * 3600)  # asleep: only the wall clock moves
+        assert agent.flush()  # the worker's round after waking
+        assert agent.status().session is None
         agent.page("/after-wake")
         second = agent.status().session
         agent.close()
     assert second not in (None, first)
     before = stored_record(tmp_path, first)
     assert (before["endReason"], before["endedAt"]) == ("inactivity", "2026-11-24T10:01:30.000Z")
-    assert before["activitySummary"]["pagesVisited"] == ["/before-sleep"]
-    after = stored_record(tmp_path, str(second))
-    assert after["startedAt"] == "2026-11-24T12:01:30.000Z"
-    assert "parentSessionUri" not in after  # 2 h away: past the 30 min window
-    assert after["activitySummary"]["pagesVisited"] == ["/after-wake"]
+    assert "parentSessionUri" not in stored_record(tmp_path, str(second))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="CLOCK_BOOTTIME is Linux's")
+def test_the_system_clock_counts_time_asleep() -> None:
+    clock = SystemClock()
+    assert isinstance(clock.monotonic_ns, functools.partial)
+    assert clock.monotonic_ns.args == (time.CLOCK_BOOTTIME,)
+    without_sleep = time.monotonic_ns()
+    assert clock.monotonic_ns() >= without_sleep  # boot time also counts suspends
 
 
 def test_related_sessions_are_the_same_local_day(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TZ", "UTC")
-    import time
-
     time.tzset()
     try:
         with freeze_time("2026-11-24T22:00:00Z") as frozen:
