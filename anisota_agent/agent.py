@@ -614,9 +614,9 @@ class Agent:
 
     def response(self, ms: float, ok: bool = True) -> None:
         """Record one measured API response: its time in ms and whether it succeeded."""
-        if type(ms) not in (int, float) or not 0 <= ms <= MAX_RESPONSE_MS:
+        if not (type(ms) is float or type(ms) is int) or not 0 <= ms <= MAX_RESPONSE_MS:
             _reject_number("ms", ms, 0, MAX_RESPONSE_MS)
-        if type(ok) is not bool:
+        if ok is not True and ok is not False:
             raise TypeError(f"ok must be a bool; got {type(ok).__name__}")
         with self._lock:
             session = self._active()
