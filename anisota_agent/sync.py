@@ -40,6 +40,7 @@ from .auth import AppPasswordSession, Credentials, HostAuth, TokenStore
 from .lexicon import SESSION_NSID
 from .store import Store, StoredSession
 from .xrpc import (
+    MAX_APPLY_WRITES,
     AccountUnavailable,
     ExpiredToken,
     Forbidden,
@@ -52,11 +53,12 @@ from .xrpc import (
     RecordNotFound,
     XrpcClient,
     XrpcError,
+    create_write,
 )
 
 logger = logging.getLogger("anisota_agent")
 
-MAX_BATCH = 200  # applyWrites refuses more
+MAX_BATCH = MAX_APPLY_WRITES
 # The PDS refuses request bodies over 1,000,000 bytes (413): keep a margin.
 MAX_BATCH_BYTES = 900_000
 BATCH_ENVELOPE_BYTES = 1_000  # {"repo": <did>, "writes": [...]}
@@ -308,15 +310,7 @@ class SyncEngine:
         while batch:
             self._ensure_budget(len(batch) * CREATE_POINTS)
             rkeys = [row.rkey for row in batch]
-            writes = [
-                {
-                    "$type": "com.atproto.repo.applyWrites#create",
-                    "collection": SESSION_NSID,
-                    "rkey": row.rkey,
-                    "value": row.record,
-                }
-                for row in batch
-            ]
+            writes = [create_write(SESSION_NSID, row.rkey, row.record) for row in batch]
             self.store.mark_in_flight(rkeys)
             try:
                 answer = self._call(self._apply_writes(writes), rkeys, write=True)

@@ -76,7 +76,6 @@ class WorkerStatus:
         self.outbox: dict[str, int] = {}
         self.counters: dict[str, int] = {}
         self.last_error: str | None = None
-        self.last_checkpoint_wall: float | None = None
         self.recovered = 0
         self.account: str | None = None
         self.auth_problem: str | None = None
@@ -285,7 +284,6 @@ class Worker:
         if not kept:
             logger.warning("session %s was taken over by another process", state.rkey)
             self._count({"sessions_taken_over": 1})
-        self._set_status(last_checkpoint_wall=time.time())
         return True
 
     def _write_failed(self, rkey: str, failure: Exception) -> bool:

@@ -314,21 +314,6 @@ def create_write(collection: str, rkey: str, value: JsonDict) -> JsonDict:
     }
 
 
-def update_write(collection: str, rkey: str, value: JsonDict) -> JsonDict:
-    """An ``applyWrites`` ``#update`` item (the rkey must exist)."""
-    return {
-        "$type": "com.atproto.repo.applyWrites#update",
-        "collection": collection,
-        "rkey": rkey,
-        "value": value,
-    }
-
-
-def delete_write(collection: str, rkey: str) -> JsonDict:
-    """An ``applyWrites`` ``#delete`` item (the rkey must exist)."""
-    return {"$type": "com.atproto.repo.applyWrites#delete", "collection": collection, "rkey": rkey}
-
-
 class XrpcClient:
     """Calls one PDS over a single keep-alive :class:`httpx.Client`.
 
@@ -462,9 +447,9 @@ class XrpcClient:
     ) -> JsonDict:
         """``applyWrites``: up to :data:`MAX_APPLY_WRITES` writes in one atomic commit.
 
-        Build the items with :func:`create_write`, :func:`update_write`,
-        :func:`delete_write`. One bad item (a create of an existing rkey, an
-        update of a missing one) fails the whole batch with a 500
+        Build ``#create`` items with :func:`create_write`. One bad item (a
+        create of an existing rkey, an update of a missing one) fails the whole
+        batch with a 500
         (:class:`ServerError`): look at the repo before retrying.
         """
         if not 1 <= len(writes) <= MAX_APPLY_WRITES:

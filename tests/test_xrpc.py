@@ -42,9 +42,7 @@ from anisota_agent.xrpc import (
     XrpcClient,
     XrpcError,
     create_write,
-    delete_write,
     parse_rate_limit,
-    update_write,
 )
 
 TIDS = TidGenerator()
@@ -203,18 +201,6 @@ def test_apply_writes_creates_and_failed_recreate(pds: PdsServer, account: Accou
             xrpc.get_record(account.did, SESSION_COLLECTION, fresh)
     assert seen == ["ok", "server_error", "ok"]
     assert len(pds.list_records(account)) == 3
-
-
-def test_apply_writes_update_and_delete(client: XrpcClient, account: Account) -> None:
-    rkey = TIDS.next()
-    client.apply_writes(account.did, [create_write(SESSION_COLLECTION, rkey, record())])
-    client.apply_writes(
-        account.did, [update_write(SESSION_COLLECTION, rkey, record(status="ended"))]
-    )
-    assert client.get_record(account.did, SESSION_COLLECTION, rkey)["value"]["status"] == "ended"
-    client.apply_writes(account.did, [delete_write(SESSION_COLLECTION, rkey)])
-    with pytest.raises(RecordNotFound):
-        client.get_record(account.did, SESSION_COLLECTION, rkey)
 
 
 def test_get_missing_record(client: XrpcClient, account: Account) -> None:
