@@ -74,7 +74,25 @@ _GAME_ACTION_SET = frozenset(GAME_ACTIONS)
 
 
 class AgentStatus(NamedTuple):
-    """A snapshot of what the agent is doing and what it has lost."""
+    """A snapshot of what the agent is doing and what it has lost.
+
+    Attributes:
+        enabled, running: recording at all; the worker started and not closed.
+        store_path, store_mode: the SQLite file; ``sqlite``, ``memory`` (asked
+            for, or after the file failed), ``starting`` or ``stopped``.
+        session: the live session's record key, if any.
+        outbox: sessions in the store by state (live, pending, synced, quarantined).
+        dropped: calls this agent refused or cut short (by kind), since it started.
+        counters: losses and failures the worker counted (failed checkpoints,
+            pruned sessions, ...), also kept in the store.
+        last_error: the store's last failure.
+        recovered: sessions of dead processes this agent expired at start.
+        network: ``online``, ``offline``, ``slow`` or ``unknown``.
+        account, auth_problem: the account syncing (no secrets), and why syncing
+            stopped for it (revoked, deactivated, a failed login).
+        last_sync_at, next_sync_at, sync_error: the sync's last success (Unix
+            time), its next attempt when waiting (backoff, budget), its last error.
+    """
 
     enabled: bool
     running: bool

@@ -1,10 +1,11 @@
-"""The background worker: the only thread that touches the disk.
+"""The background worker: the only thread that touches the disk or the network.
 
 Each round it asks the agent for its :class:`Work` (a copy of the live session
-when it changed, sessions that ended, counts of dropped calls), writes it to the
-store, and answers anyone waiting for that round. It sleeps until the next
-periodic checkpoint unless the agent wakes it (session start and end, close, an
-explicit :meth:`~anisota_agent.Agent.checkpoint`).
+when it changed, sessions that ended, an account change, counts of dropped
+calls), writes it to the store, tends the network monitor, syncs what is due,
+and answers anyone waiting for that round. It sleeps until the next periodic
+checkpoint, idle deadline, sync retry or probe, unless the agent wakes it
+(session start and end, an account change, back online, close, ``flush()``).
 """
 
 from __future__ import annotations
