@@ -166,6 +166,9 @@ class Agent:
             oldest synced sessions go first, then quarantined, then unsynced
             ones (counted as lost).
         retention_days: synced and quarantined sessions older than this go.
+        keyring: keep an app-password session in the OS keyring (``pip install
+            keyring``) rather than a 0600 file; None (default) follows
+            ``ANISOTA_AGENT_KEYRING=1``, as the CLI does.
         clock: the wall and monotonic clock (tests inject one).
     """
 
@@ -186,6 +189,7 @@ class Agent:
         slow_threshold_ms: float = DEFAULT_SLOW_THRESHOLD_MS,
         max_store_bytes: int = DEFAULT_MAX_STORE_BYTES,
         retention_days: float = DEFAULT_RETENTION_DAYS,
+        keyring: bool | None = None,
         clock: Clock | None = None,
     ) -> None:
         self.client_version = check_text("client_version", client_version, MAX_CLIENT_VERSION_LEN)
@@ -200,6 +204,7 @@ class Agent:
         self._write_reserve = check_int("write_reserve", write_reserve, 0, 1_000_000)
         self._max_store_bytes = check_int("max_store_bytes", max_store_bytes, 100_000, 2**40)
         self._retention_s = 86400 * check_seconds("retention_days", retention_days, 1, 3650)
+        self._keyring = _check_optional_bool("keyring", keyring)
         self._mirror_interval = (
             None
             if mirror_interval is None
@@ -263,6 +268,7 @@ class Agent:
                     mirror_interval=self._mirror_interval,
                     max_store_bytes=self._max_store_bytes,
                     retention_s=self._retention_s,
+                    keyring=self._keyring,
                 ),
                 self._network,
                 wall_s=lambda: self._wall() / 1e9,

@@ -270,6 +270,28 @@ class KeyringTokenStore(TokenStore):
         return f"keyring {type(self._keyring.get_keyring()).__name__} ({self.service})"
 
 
+#: The app-password session's file (refresh token, 0600) in the data dir.
+SESSION_FILENAME = "session.json"
+#: ``1`` keeps the session in the OS keyring instead (``pip install keyring``).
+KEYRING_ENV = "ANISOTA_AGENT_KEYRING"
+
+
+def token_store_for(data_dir: Path, keyring: bool | None = None) -> TokenStore:
+    """Where the app-password session of ``data_dir`` is kept.
+
+    The OS keyring when asked for (``keyring=True``, or ``ANISOTA_AGENT_KEYRING=1``
+    when None) and usable; otherwise a 0600 file in the data dir. The game and
+    the CLI call this alike, so they find the same session.
+    """
+    if keyring is None:
+        keyring = os.environ.get(KEYRING_ENV, "").strip() == "1"
+    if keyring:
+        if KeyringTokenStore.available():
+            return KeyringTokenStore(username=str(data_dir))
+        logger.warning("no usable OS keyring: keeping the session in a 0600 file")
+    return FileTokenStore(data_dir / SESSION_FILENAME)
+
+
 def _import_keyring() -> ModuleType | None:
     try:
         module = importlib.import_module("keyring")

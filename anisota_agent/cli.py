@@ -279,10 +279,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _token_store(args: argparse.Namespace) -> TokenStore:
-    from .auth import FileTokenStore
-    from .worker import SESSION_FILENAME
+    from .auth import token_store_for
 
-    return FileTokenStore(_data_dir(args) / SESSION_FILENAME)
+    return token_store_for(_data_dir(args))
 
 
 def _read_password(identifier: str) -> str:

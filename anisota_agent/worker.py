@@ -25,9 +25,6 @@ if TYPE_CHECKING:
     from .store import Owner, Store, StoredSession
     from .sync import SyncEngine, Uplink
 
-#: The app-password session (refresh token, 0600) beside the store.
-SESSION_FILENAME = "session.json"
-
 logger = logging.getLogger("anisota_agent")
 
 #: Consecutive failed writes after which the worker gives up on the file and
@@ -120,6 +117,7 @@ class WorkerSettings(NamedTuple):
     mirror_interval: float | None
     max_store_bytes: int
     retention_s: float
+    keyring: bool | None
 
 
 #: How often the worker looks at the network interfaces (psutil), at most.
@@ -301,13 +299,13 @@ class Worker:
 
     def _open_uplink(self) -> None:
         """The PDS link; the account comes with the first round (:meth:`_apply_auth`)."""
-        from .auth import FileTokenStore, MemoryTokenStore, TokenStore
+        from .auth import MemoryTokenStore, TokenStore, token_store_for
         from .sync import Uplink
 
         assert self._store is not None
         path = self._store.path
         tokens: TokenStore = (
-            FileTokenStore(path.with_name(SESSION_FILENAME)) if path else MemoryTokenStore()
+            token_store_for(path.parent, self._settings.keyring) if path else MemoryTokenStore()
         )
         self._uplink = Uplink(
             self._store,

@@ -120,3 +120,29 @@ def race(threads: list[threading.Thread]) -> None:
             thread.join()
     finally:
         sys.setswitchinterval(old_interval)
+
+
+def fake_keyring(monkeypatch: Any) -> dict[tuple[str, str], str]:
+    """Install an in-memory ``keyring`` module; returns its secrets by (service, user)."""
+    import types
+
+    secrets: dict[tuple[str, str], str] = {}
+
+    class PasswordDeleteError(Exception):
+        pass
+
+    class Backend:
+        pass
+
+    def delete_password(service: str, username: str) -> None:
+        if secrets.pop((service, username), None) is None:
+            raise PasswordDeleteError
+
+    fake = types.ModuleType("keyring")
+    fake.errors = types.SimpleNamespace(PasswordDeleteError=PasswordDeleteError)  # type: ignore[attr-defined]
+    fake.get_keyring = Backend  # type: ignore[attr-defined]
+    fake.get_password = lambda s, u: secrets.get((s, u))  # type: ignore[attr-defined]
+    fake.set_password = lambda s, u, p: secrets.__setitem__((s, u), p)  # type: ignore[attr-defined]
+    fake.delete_password = delete_password  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "keyring", fake)
+    return secrets

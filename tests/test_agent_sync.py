@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from agent_helpers import stored, stored_record
+from agent_helpers import fake_keyring, stored, stored_record
 from pds_harness import Account, PdsServer
 
 from anisota_agent import Agent
@@ -150,3 +150,33 @@ def test_the_atexit_hook_closes_the_agent(tmp_path: Path) -> None:
     record = stored_record(tmp_path, result.stdout.strip())
     assert (record["status"], record["endReason"]) == ("ended", "app_close")
     assert record["activitySummary"]["pagesVisited"] == ["/last"]
+
+
+def test_the_session_can_live_in_the_os_keyring(
+    tmp_path: Path, pds: PdsServer, account: Account, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secrets = fake_keyring(monkeypatch)
+    agent = Agent("1.0", data_dir=tmp_path, keyring=True).start()
+    agent.login(account.handle, account.password, pds_url=pds.url)
+    assert agent.flush()
+    agent.close()
+    assert not (tmp_path / "session.json").exists()
+    (saved,) = secrets.values()
+    assert account.did in saved and account.password not in saved
+    # The CLI (and the next run) find it with ANISOTA_AGENT_KEYRING=1.
+    monkeypatch.setenv("ANISOTA_AGENT_KEYRING", "1")
+    again = Agent("1.0", data_dir=tmp_path).start()
+    assert again.flush()
+    assert again.status().account is not None and account.did in str(again.status().account)
+    again.close()
+
+
+def test_without_a_usable_keyring_the_session_goes_to_a_0600_file(
+    tmp_path: Path, pds: PdsServer, account: Account, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "keyring", None)  # not installed
+    agent = Agent("1.0", data_dir=tmp_path, keyring=True).start()
+    agent.login(account.handle, account.password, pds_url=pds.url)
+    assert agent.flush()
+    agent.close()
+    assert (tmp_path / "session.json").stat().st_mode & 0o777 == 0o600

@@ -13,7 +13,6 @@ import os
 import stat
 import sys
 import threading
-import types
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
-from agent_helpers import Bearer
+from agent_helpers import Bearer, fake_keyring
 from pds_harness import SESSION_COLLECTION, Account, PdsServer
 
 from anisota_agent.auth import (
@@ -466,26 +465,7 @@ def test_file_store_refuses_a_symlink(tmp_path: Path) -> None:
 
 
 def test_keyring_store_with_a_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    secrets: dict[tuple[str, str], str] = {}
-
-    class PasswordDeleteError(Exception):
-        pass
-
-    class Backend:
-        pass
-
-    fake = types.ModuleType("keyring")
-    fake.errors = types.SimpleNamespace(PasswordDeleteError=PasswordDeleteError)  # type: ignore[attr-defined]
-    fake.get_keyring = Backend  # type: ignore[attr-defined]
-    fake.get_password = lambda s, u: secrets.get((s, u))  # type: ignore[attr-defined]
-    fake.set_password = lambda s, u, p: secrets.__setitem__((s, u), p)  # type: ignore[attr-defined]
-
-    def delete_password(service: str, username: str) -> None:
-        if secrets.pop((service, username), None) is None:
-            raise PasswordDeleteError
-
-    fake.delete_password = delete_password  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "keyring", fake)
+    secrets = fake_keyring(monkeypatch)
 
     assert KeyringTokenStore.available()
     store = KeyringTokenStore("anisota-test")
