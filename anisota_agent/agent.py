@@ -13,6 +13,8 @@ import os
 import threading
 import weakref
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -389,8 +391,9 @@ class Agent:
         ``http://`` to a loopback address). Sessions from now on belong to this
         account; a live session of another account is invalidated (account switch).
         """
-        check_did("did", did)
-        url = check_pds_url(pds_url)
+        with self._refusals():
+            check_did("did", did)
+            url = check_pds_url(pds_url)
         with self._lock:
             self._auth_request = AuthRequest(kind="host", did=did, pds_url=url, auth=auth)
             self._set_account_locked(did)
@@ -403,9 +406,10 @@ class Agent:
         refresh token is kept in a 0600 file in the data dir, never the password.
         ``status().account`` and ``status().auth_problem`` tell how it went.
         """
-        check_text("identifier", identifier, 2048)
-        check_text("password", password, 1024)
-        url = check_pds_url(pds_url)
+        with self._refusals():
+            check_text("identifier", identifier, 2048)
+            check_text("password", password, 1024)
+            url = check_pds_url(pds_url)
         with self._lock:
             self._auth_request = AuthRequest(
                 kind="password", pds_url=url, identifier=identifier, password=password
@@ -456,22 +460,23 @@ class Agent:
         A session already running is ended first as ``user_initiated``. Returns
         None when tracking is disabled.
         """
-        context = SessionContext(
-            entry_point=None
-            if entry_point is None
-            else check_choice("entry_point", entry_point, ENTRY_POINTS),
-            authentication_method=None
-            if authentication_method is None
-            else check_choice(
-                "authentication_method", authentication_method, AUTHENTICATION_METHODS
-            ),
-            is_new_user=_check_optional_bool("is_new_user", is_new_user),
-            referrer=None
-            if referrer is None
-            else clean_referrer(
-                check_text("referrer", referrer, MAX_REFERRER_LEN), keep_referrer_query
-            ),
-        )
+        with self._refusals():
+            context = SessionContext(
+                entry_point=None
+                if entry_point is None
+                else check_choice("entry_point", entry_point, ENTRY_POINTS),
+                authentication_method=None
+                if authentication_method is None
+                else check_choice(
+                    "authentication_method", authentication_method, AUTHENTICATION_METHODS
+                ),
+                is_new_user=_check_optional_bool("is_new_user", is_new_user),
+                referrer=None
+                if referrer is None
+                else clean_referrer(
+                    check_text("referrer", referrer, MAX_REFERRER_LEN), keep_referrer_query
+                ),
+            )
         if not self.enabled:
             return None
         if self._restart_in_child:
@@ -492,7 +497,8 @@ class Agent:
         ``device_switch``. Returns the ended session's record key, or None when no
         session was running (ending twice is harmless).
         """
-        check_choice("reason", reason, HOST_END_REASONS)
+        with self._refusals():
+            check_choice("reason", reason, HOST_END_REASONS)
         return self._end("ended", reason)
 
     def invalidate(self) -> str | None:
@@ -590,7 +596,8 @@ class Agent:
     def page(self, route: str) -> None:
         """Record a visit to a page or route (unique routes, in first-visit order)."""
         if type(route) is not str or not 0 < len(route) <= MAX_ROUTE_LEN:
-            check_text("route", route, MAX_ROUTE_LEN)
+            with self._refusals():
+                check_text("route", route, MAX_ROUTE_LEN)
         with self._lock:
             session = self._active()
             if session is not None and route not in session.pages:
@@ -599,7 +606,8 @@ class Agent:
     def feature(self, name: str) -> None:
         """Record the use of a named feature (unique names, first-use order)."""
         if type(name) is not str or not 0 < len(name) <= MAX_FEATURE_LEN:
-            check_text("feature", name, MAX_FEATURE_LEN)
+            with self._refusals():
+                check_text("feature", name, MAX_FEATURE_LEN)
         with self._lock:
             session = self._active()
             if session is not None and name not in session.features:
@@ -613,9 +621,11 @@ class Agent:
         ``count``: 1 to 1,000,000.
         """
         if type(kind) is not str or kind not in _GAME_ACTION_SET:
-            check_choice("kind", kind, GAME_ACTIONS)
+            with self._refusals():
+                check_choice("kind", kind, GAME_ACTIONS)
         if type(count) is not int or not 1 <= count <= MAX_COUNT_PER_CALL:
-            check_int("count", count, 1, MAX_COUNT_PER_CALL)
+            with self._refusals():
+                check_int("count", count, 1, MAX_COUNT_PER_CALL)
         with self._lock:
             session = self._active()
             if session is not None:
@@ -624,9 +634,11 @@ class Agent:
     def progress(self, xp: int, level: int | None = None) -> None:
         """Report the player's total XP (and level); the first report is the baseline."""
         if type(xp) is not int or not 0 <= xp <= MAX_XP:
-            check_int("xp", xp, 0, MAX_XP)
+            with self._refusals():
+                check_int("xp", xp, 0, MAX_XP)
         if level is not None and (type(level) is not int or not 1 <= level <= MAX_LEVEL):
-            check_int("level", level, 1, MAX_LEVEL)
+            with self._refusals():
+                check_int("level", level, 1, MAX_LEVEL)
         with self._lock:
             session = self._active()
             if session is not None:
@@ -639,9 +651,11 @@ class Agent:
     def response(self, ms: float, ok: bool = True) -> None:
         """Record one measured API response: its time in ms and whether it succeeded."""
         if not (type(ms) is float or type(ms) is int) or not 0 <= ms <= MAX_RESPONSE_MS:
-            _reject_number("ms", ms, 0, MAX_RESPONSE_MS)
+            with self._refusals():
+                _reject_number("ms", ms, 0, MAX_RESPONSE_MS)
         if ok is not True and ok is not False:
-            raise TypeError(f"ok must be a bool; got {type(ok).__name__}")
+            with self._refusals():
+                raise TypeError(f"ok must be a bool; got {type(ok).__name__}")
         with self._lock:
             session = self._active()
             if session is not None:  # inline, not count_response(): the hot path
@@ -653,7 +667,8 @@ class Agent:
     def link_log(self, uri: str) -> None:
         """Link a ``net.anisota.beta.game.log`` record (its at-uri) to the session."""
         if type(uri) is not str or not 6 <= len(uri) <= MAX_URI_LEN or uri[:5] != "at://":
-            check_at_uri("uri", uri)
+            with self._refusals():
+                check_at_uri("uri", uri)
         with self._lock:
             session = self._active()
             if session is not None and uri not in session.log_uris:
@@ -662,7 +677,8 @@ class Agent:
     def link_progress(self, uri: str) -> None:
         """Link a ``net.anisota.beta.game.progress`` record (its at-uri) to the session."""
         if type(uri) is not str or not 6 <= len(uri) <= MAX_URI_LEN or uri[:5] != "at://":
-            check_at_uri("uri", uri)
+            with self._refusals():
+                check_at_uri("uri", uri)
         with self._lock:
             session = self._active()
             if session is not None and uri not in session.progress_uris:
@@ -694,6 +710,19 @@ class Agent:
         session.last_activity_mono_ns = now
         return session
 
+    @contextmanager
+    def _refusals(self) -> Iterator[None]:
+        """Count a call refused for bad input (``status().dropped["refused_calls"]``).
+
+        The error still reaches the host, at the call that gave the bad value.
+        """
+        try:
+            yield
+        except (TypeError, ValueError):
+            with self._lock:
+                self._dropped["refused_calls"] += 1
+            raise
+
     def _add_unique(self, items: dict[str, None], item: str, cap: int, overflow: str) -> None:
         """Add a new item to a capped list, or count it as dropped (lock held)."""
         if len(items) < cap:
@@ -712,7 +741,8 @@ class Agent:
         condition, but is not player activity: a game polling its API in the
         background still goes inactive. The timing helpers below call it for you.
         """
-        self._network.observe_request(elapsed_ms, outcome)  # validates both
+        with self._refusals():
+            self._network.observe_request(elapsed_ms, outcome)  # validates both
         with self._lock:
             session = self._session
             if session is not None:

@@ -67,6 +67,7 @@ def test_bad_input_is_refused_and_the_session_is_intact(
     for word in words:
         assert word in str(raised.value)
     assert agent.status().session == rkey  # still the same session, still live
+    assert agent.status().dropped == {"refused_calls": 1}
     agent.end_session("logout")
     agent.close()
     record = stored_record(tmp_path, rkey)
