@@ -392,6 +392,8 @@ class Agent:
         account; a live session of another account is invalidated (account switch).
         """
         with self._refusals():
+            if not callable(getattr(auth, "sync_auth_flow", None)):
+                raise TypeError(f"auth must be an httpx.Auth; got {type(auth).__name__}")
             check_did("did", did)
             url = check_pds_url(pds_url)
         with self._lock:

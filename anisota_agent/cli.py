@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -35,6 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.run(args)
     except CliError as error:
         print(f"anisota-agent: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    except (sqlite3.Error, OSError) as error:  # the machine's trouble, not a bug of ours
+        print(f"anisota-agent: {type(error).__name__}: {error}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130

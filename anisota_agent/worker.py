@@ -209,12 +209,20 @@ class Worker:
         return max(0.0, min(due))
 
     def _process(self, work: Work) -> None:
+        # Held before anything that could fail: a finished session is never lost
+        # to a bug or an error later in the round.
+        if work.purge:
+            self._unsaved.clear()
+        self._unsaved.extend(work.finished)
         if work.purge:
             self._purge()
-        self._apply_auth(work.auth_request, work.finished)
+        try:
+            self._apply_auth(work.auth_request, work.finished)
+        except Exception:
+            logger.exception("the account change failed")
+            self._count({"worker_errors": 1})
         if work.dropped:
             self._count(work.dropped)
-        self._unsaved.extend(work.finished)
         if work.live is not None:
             self._save(work.live, work.now_mono_ns, final=False)
         while self._unsaved:
@@ -445,7 +453,6 @@ class Worker:
     def _purge(self) -> None:
         assert self._store is not None
         removed = self._store.purge()
-        self._unsaved.clear()
         logger.info("purged %d session(s) and all counters", removed)
 
     def _count(self, counts: dict[str, int]) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from agent_helpers import all_sessions, stored, stored_record
 from freezegun import freeze_time
@@ -50,6 +51,21 @@ BAD_CALLS: list[tuple[Callable[[Agent], Any], type[Exception], tuple[str, ...]]]
     ),
     (lambda a: a.start_session(is_new_user="no"), TypeError, ("is_new_user", "bool")),  # type: ignore[arg-type]
     (lambda a: a.start_session(referrer="r" * 600), ValueError, ("referrer", "512")),
+    (
+        lambda a: a.use_auth("token", did="did:plc:x", pds_url="https://pds.example"),  # type: ignore[arg-type]
+        TypeError,
+        ("auth", "httpx.Auth"),
+    ),
+    (
+        lambda a: a.use_auth(httpx.Auth(), did="alice", pds_url="https://pds.example"),
+        ValueError,
+        ("did", "did:plc:"),
+    ),
+    (
+        lambda a: a.login("alice.test", "pw", pds_url="http://pds.example"),
+        ValueError,
+        ("pds_url", "https"),
+    ),
 ]
 
 

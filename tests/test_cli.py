@@ -140,3 +140,11 @@ def test_demo_console_script(tmp_path: Path) -> None:
     assert record["metadata"]["performanceMetrics"]["errorCount"] == 1
     assert len(record["activitySummary"]["pagesVisited"]) == 5
     assert "sessions: live 0, pending 1" in status
+
+
+def test_an_unreadable_store_is_reported_not_raised(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    (tmp_path / "agent.sqlite3").mkdir()  # a directory where the file should be
+    code, _, err = run(capsys, "--data-dir", str(tmp_path), "status")
+    assert code == 1 and err.startswith("anisota-agent: ") and "Traceback" not in err

@@ -229,3 +229,23 @@ def test_inactivity_settings_are_bounded() -> None:
         Agent("1.0", continuation_window=-1)
     with pytest.raises(TypeError, match="inactivity_timeout must be a number"):
         Agent("1.0", inactivity_timeout="30")  # type: ignore[arg-type]
+
+
+def test_a_session_past_the_maximum_age_is_split_into_a_continuation(
+    tmp_path: Path, frozen: FrozenDateTimeFactory
+) -> None:
+    agent = Agent("1.0", data_dir=tmp_path, max_session_age=3600, inactivity_timeout=3600).start()
+    agent.use_auth(httpx.Auth(), did=DID, pds_url="http://127.0.0.1:9")
+    first = str(agent.start_session())
+    for _ in range(4):  # an hour of steady play
+        frozen.tick(15 * MINUTE)
+        agent.touch()
+    frozen.tick(1)
+    assert agent.flush()  # the worker enforces the maximum age
+    agent.touch()
+    second = agent.status().session
+    agent.close()
+    expired = stored_record(tmp_path, first)
+    assert (expired["status"], expired["endReason"]) == ("expired", "timeout")
+    assert expired["duration"] == 3601 * 1000
+    assert stored_record(tmp_path, str(second))["parentSessionUri"] == uri(first)
