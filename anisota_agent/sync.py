@@ -396,8 +396,8 @@ class SyncEngine:
         except RecordNotFound:
             raise  # the caller's "absent"
         except (InvalidRequest, PayloadTooLarge) as refused:
-            if not write:  # a read refused: e.g. the repo is gone; not a record's fault
-                raise self._stop_round(str(refused)) from refused
+            if not write:  # a read refused: not a record's fault
+                raise self._read_refused(refused) from refused
             self._note_budget(write)
             raise  # the caller decides: quarantine, or split the batch
         except RateLimited as limited:
@@ -416,6 +416,25 @@ class SyncEngine:
         self._failures = 0
         self.status.last_error = None
         return answer
+
+    def _read_refused(self, refused: XrpcError) -> SyncStopped:
+        """A lookup the PDS refused (400): its repo may be gone with a deactivated account.
+
+        getRecord/listRecords of such a repo answer "Could not locate record";
+        getSession still answers, with ``active: false``. Then stop and say so,
+        rather than back off and ask again for as long as the account is off.
+        """
+        try:
+            who = self.client.get_session(timeout=REQUEST_TIMEOUT)
+        except XrpcError:
+            who = {}
+        if who.get("active") is False:
+            self.status.auth_problem = (
+                f"AccountUnavailable: the account is {who.get('status', 'inactive')}"
+            )
+            logger.error("sync stopped for %s: %s", self.did, self.status.auth_problem)
+            return SyncStopped()
+        return self._stop_round(str(refused))
 
     def _stop_round(
         self, reason: str, rkeys: Sequence[str] = (), failure: XrpcError | None = None

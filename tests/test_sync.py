@@ -516,6 +516,26 @@ def test_deactivated_account_stops_syncing_with_a_clear_status(
     assert pds.list_records(account) == []
 
 
+def test_deactivated_account_found_while_looking_stops_too(
+    pds: PdsServer, account: Account, store: Store, proxy: FaultProxy, connect: Connect
+) -> None:
+    """Sessions in flight make the engine look first; a deactivated repo refuses the
+    lookup itself (400 "Could not locate record"): still a clear stop, no backoff loop."""
+    rkeys = seed(store, account.did, 3)
+    store.mark_in_flight(rkeys)
+    engine, _ = connect(proxy.url, account)
+    pds.deactivate(account)
+    try:
+        status = engine.sync()
+        assert status.auth_problem is not None and "deactivated" in status.auth_problem
+        seen = proxy.requests_seen()
+        for _ in range(3):
+            engine.sync()
+        assert not engine.due() and proxy.requests_seen() == seen
+    finally:
+        pds.activate(account)
+
+
 # -- 6. the write budget: a reserve for the game, and 429 -----------------------------------------
 
 
