@@ -158,13 +158,19 @@ class Store:
             return sqlite3.connect(":memory:")
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(str(path), timeout=5.0)
-        # WAL lets a second game window read and write beside us; NORMAL sync
-        # survives a crashed process (only power loss can lose the last commit).
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA busy_timeout=5000")
-        # Fails fast on a file that is not a database, before any migration.
-        conn.execute("PRAGMA quick_check").fetchone()
+        try:
+            # WAL lets a second game window read and write beside us; NORMAL sync
+            # survives a crashed process (only power loss can lose the last commit).
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=5000")
+            # Damage found before any migration or write makes it worse.
+            (verdict,) = conn.execute("PRAGMA quick_check").fetchone()
+            if verdict != "ok":
+                raise sqlite3.DatabaseError(f"database disk image is malformed: {verdict}")
+        except BaseException:
+            conn.close()  # never move a file aside under an open connection
+            raise
         return conn
 
     @classmethod

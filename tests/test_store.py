@@ -70,3 +70,20 @@ def test_the_agent_prunes_on_start_and_counts_the_losses(tmp_path: Path) -> None
     with sqlite3.connect(tmp_path / DB_FILENAME) as db:
         (total,) = db.execute("SELECT sum(length(record)) FROM sessions").fetchone()
     assert total <= 100_000
+
+
+def test_a_damaged_store_is_moved_aside_and_recording_goes_on(tmp_path: Path) -> None:
+    path = tmp_path / DB_FILENAME
+    with store_at(tmp_path) as store:
+        seed(store, DID, 200)
+        store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    data = bytearray(path.read_bytes())
+    data[4096 * 3 : 4096 * 3 + 512] = b"\xff" * 512  # a page in the middle, not the header
+    path.write_bytes(bytes(data))
+    agent = Agent("1.0", data_dir=tmp_path).start()
+    rkey = str(agent.start_session())
+    agent.close()
+    assert len(list(tmp_path.glob(f"{DB_FILENAME}.corrupt-*"))) == 1
+    with store_at(tmp_path) as store:
+        row = store.get(rkey)
+    assert row is not None and row.outbox == "pending"
