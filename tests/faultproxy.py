@@ -187,6 +187,8 @@ class FaultProxy:
         self._port = port
         self._state = _State()
         self._lock = threading.Lock()
+        # Notified whenever a request arrives, for wait_for_request().
+        self._arrived = threading.Condition(self._lock)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
@@ -343,6 +345,13 @@ class FaultProxy:
         with self._lock:
             return sum(1 for p in self._state.seen if p.startswith(path_prefix))
 
+    def wait_for_request(self, path_prefix: str = "", timeout: float = 10.0) -> bool:
+        """Block until a request whose path starts with the prefix has arrived."""
+        with self._arrived:
+            return self._arrived.wait_for(
+                lambda: any(p.startswith(path_prefix) for p in self._state.seen), timeout
+            )
+
     def requests_forwarded(self, path_prefix: str = "") -> int:
         """Requests sent to the upstream whose path starts with the prefix."""
         with self._lock:
@@ -405,6 +414,7 @@ class FaultProxy:
                 with self._lock:
                     self._state.seen.append(req.path)
                     mode = self._state.mode
+                    self._arrived.notify_all()
                 if mode == "cut":
                     _abort(writer)
                     return

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -134,9 +133,7 @@ def test_cut_resets_a_request_in_flight(proxy: FaultProxy, client: httpx.Client)
 
     worker = threading.Thread(target=call)
     worker.start()
-    deadline = time.monotonic() + 5
-    while proxy.requests_seen("/xrpc/_health") == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert proxy.wait_for_request("/xrpc/_health", timeout=5)
     proxy.set_mode("cut")
     worker.join(timeout=5)
     assert len(errors) == 1
