@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import threading
 from collections.abc import Generator, Iterator
@@ -146,3 +147,16 @@ def fake_keyring(monkeypatch: Any) -> dict[tuple[str, str], str]:
     fake.delete_password = delete_password  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "keyring", fake)
     return secrets
+
+
+def run_python(script: str, *args: str, env: dict[str, str] | None = None) -> str:
+    """Run ``script`` in a fresh interpreter (a game process of its own); its stdout."""
+    result = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return result.stdout

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from agent_helpers import all_sessions, stored, stored_record
+from agent_helpers import all_sessions, run_python, stored, stored_record
 from freezegun import freeze_time
 
 from anisota_agent import Agent
@@ -258,14 +256,16 @@ _AUDIT_SCRIPT = textwrap.dedent(
 
 
 def test_activity_calls_do_no_io_on_the_calling_thread(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-c", _AUDIT_SCRIPT, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
+    assert json.loads(run_python(_AUDIT_SCRIPT, str(tmp_path))) == []
+
+
+def test_the_audit_sees_io_on_the_calling_thread(tmp_path: Path) -> None:
+    """The check above can fail: the same hook catches a file opened on that thread."""
+    leaky = _AUDIT_SCRIPT.replace(
+        'agent.end_session("logout")', 'open(sys.argv[1] + "/leak", "w").close()'
     )
-    assert json.loads(result.stdout) == []
+    assert leaky != _AUDIT_SCRIPT
+    assert [event for event, _ in json.loads(run_python(leaky, str(tmp_path)))] == ["open"]
 
 
 _IMPORT_SCRIPT = textwrap.dedent(
@@ -280,7 +280,7 @@ _IMPORT_SCRIPT = textwrap.dedent(
 
     sys.addaudithook(hook)
     import anisota_agent
-    agent = anisota_agent.Agent("1.0", data_dir=sys.argv[1]).start()
+    agent = anisota_agent.Agent("1.0").start()  # the default data dir, resolved by the worker
     agent.start_session()
     agent.close()
     heavy = {"sqlite_utils", "httpx", "lexrpc", "psutil", "platformdirs", "sqlite3"}
@@ -290,11 +290,6 @@ _IMPORT_SCRIPT = textwrap.dedent(
 
 
 def test_heavy_imports_stay_off_the_game_thread(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-c", _IMPORT_SCRIPT, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    assert result.stdout.strip() == "[]"
+    output = run_python(_IMPORT_SCRIPT, env={"ANISOTA_AGENT_DATA_DIR": str(tmp_path)})
+    assert output.strip() == "[]"
+    assert (tmp_path / "agent.sqlite3").exists()  # it did record, off the game's thread

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import textwrap
 import threading
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from agent_helpers import fake_keyring, stored, stored_record
+from agent_helpers import fake_keyring, run_python, stored, stored_record
 from pds_harness import Account, PdsServer
 
 from anisota_agent import Agent
@@ -140,14 +139,8 @@ def test_the_atexit_hook_closes_the_agent(tmp_path: Path) -> None:
         # the game exits without calling close()
         """
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    record = stored_record(tmp_path, result.stdout.strip())
+    rkey = run_python(script, str(tmp_path)).strip()
+    record = stored_record(tmp_path, rkey)
     assert (record["status"], record["endReason"]) == ("ended", "app_close")
     assert record["activitySummary"]["pagesVisited"] == ["/last"]
 

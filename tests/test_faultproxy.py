@@ -12,6 +12,8 @@ import pytest
 from faultproxy import FaultProxy
 from pds_harness import SESSION_COLLECTION, Account, PdsServer
 
+from anisota_agent.xrpc import create_write
+
 RECORD: dict[str, Any] = {
     "$type": SESSION_COLLECTION,
     "startedAt": "2026-11-24T10:00:00.000Z",
@@ -69,15 +71,7 @@ def test_pass_keepalive_chunked_and_counts(
     )
     assert resp.status_code == 200, resp.text
     # A big listRecords is gzip'd and chunked by the PDS; it must arrive intact.
-    writes = [
-        {
-            "$type": "com.atproto.repo.applyWrites#create",
-            "collection": SESSION_COLLECTION,
-            "rkey": f"r{i:04d}",
-            "value": RECORD,
-        }
-        for i in range(60)
-    ]
+    writes = [create_write(SESSION_COLLECTION, f"r{i:04d}", RECORD) for i in range(60)]
     resp = client.post(
         "/xrpc/com.atproto.repo.applyWrites",
         headers={"Authorization": f"Bearer {account.access_jwt}"},

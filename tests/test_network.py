@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import itertools
 import socket
-import subprocess
-import sys
 import threading
 from collections import namedtuple
 from typing import Any
 
 import psutil
 import pytest
+from agent_helpers import run_python
 
 from anisota_agent.network import (
     CONDITIONS,
@@ -562,7 +561,4 @@ def test_importing_the_monitor_stays_light() -> None:
         "import sys, anisota_agent.network\n"
         "print(sorted(m for m in ('psutil', 'httpx', 'ipaddress') if m in sys.modules))\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert result.stdout.strip() == "[]"
+    assert run_python(script).strip() == "[]"

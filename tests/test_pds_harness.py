@@ -10,6 +10,8 @@ import httpx
 import pytest
 from pds_harness import SESSION_COLLECTION, Account, PdsServer
 
+from anisota_agent.xrpc import create_write
+
 RKEY = "3lbyzq2a3v22c"
 
 
@@ -72,15 +74,7 @@ def test_put_and_get_session_record(pds: PdsServer, account: Account) -> None:
 
 
 def test_list_records_pages(pds: PdsServer, account: Account) -> None:
-    writes = [
-        {
-            "$type": "com.atproto.repo.applyWrites#create",
-            "collection": SESSION_COLLECTION,
-            "rkey": f"r{i:04d}",
-            "value": session_record(),
-        }
-        for i in range(130)
-    ]
+    writes = [create_write(SESSION_COLLECTION, f"r{i:04d}", session_record()) for i in range(130)]
     resp = pds.xrpc(
         "POST",
         "com.atproto.repo.applyWrites",
@@ -144,13 +138,7 @@ def test_ratelimited_write_budget_runs_out(pds_ratelimited: PdsServer) -> None:
     last: httpx.Response | None = None
     for batch in range(10):
         writes = [
-            {
-                "$type": "com.atproto.repo.applyWrites#create",
-                "collection": SESSION_COLLECTION,
-                "rkey": f"b{batch}x{i}",
-                "value": session_record(),
-            }
-            for i in range(200)
+            create_write(SESSION_COLLECTION, f"b{batch}x{i}", session_record()) for i in range(200)
         ]
         last = pds_ratelimited.xrpc(
             "POST",

@@ -35,6 +35,7 @@ from anisota_agent.clock import TidGenerator
 from anisota_agent.lexicon import validate_record
 from anisota_agent.store import DB_FILENAME, Store, StoredSession
 from anisota_agent.sync import FIRST_BATCH, MAX_BATCH, SyncEngine, Uplink
+from anisota_agent.xrpc import create_write
 
 TIDS = TidGenerator()
 APPLY = "com.atproto.repo.applyWrites"
@@ -541,15 +542,7 @@ def test_deactivated_account_found_while_looking_stops_too(
 
 def spend(pds: PdsServer, account: Account, creates: int = MAX_BATCH) -> Exchange:
     """One applyWrites of ``creates`` tiny records in another collection (3 points each)."""
-    writes = [
-        {
-            "$type": "com.atproto.repo.applyWrites#create",
-            "collection": FILLER,
-            "rkey": TIDS.next(),
-            "value": {"$type": FILLER, "n": 1},
-        }
-        for _ in range(creates)
-    ]
+    writes = [create_write(FILLER, TIDS.next(), {"$type": FILLER, "n": 1}) for _ in range(creates)]
     response = pds.xrpc(
         "POST",
         "com.atproto.repo.applyWrites",
