@@ -175,10 +175,13 @@ class Worker:
         self._recover()
         self._open_uplink()
         pruned_at = -PRUNE_SECONDS
+        until_idle = self._agent._end_idle()
         while True:
-            self.wake.wait(self._sleep_seconds())
+            # Activity only moves the idle deadline later, and a new session wakes
+            # us: the figure from the last round is safe to sleep on.
+            self.wake.wait(self._sleep_seconds(until_idle))
             self.wake.clear()
-            self._agent._end_idle()
+            until_idle = self._agent._end_idle()
             work = self._agent._collect()
             try:
                 if self._wall_s() - pruned_at >= PRUNE_SECONDS:
@@ -196,9 +199,9 @@ class Worker:
                 break
         self._shut_down()
 
-    def _sleep_seconds(self) -> float:
+    def _sleep_seconds(self, until_idle: float) -> float:
         """Until the next checkpoint, idle deadline, sync retry or network probe."""
-        due = [self._settings.checkpoint_interval, self._agent._end_idle()]
+        due = [self._settings.checkpoint_interval, until_idle]
         if self._uplink is not None:
             retry = self._uplink.seconds_until_retry()
             if retry is not None:
