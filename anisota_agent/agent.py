@@ -2,7 +2,9 @@
 
 Every host-facing call validates its arguments, updates the in-memory session
 under one lock and returns: no I/O, no heavy import, no thread wake-up on the
-hot path. The :class:`~anisota_agent.worker.Worker` picks the changes up.
+hot path. Two background threads pick the changes up: the
+:class:`~anisota_agent.recorder.Recorder` writes them to SQLite at once, the
+:class:`~anisota_agent.uplink.UplinkWorker` logs in and syncs to the PDS.
 """
 
 from __future__ import annotations
@@ -49,12 +51,15 @@ from .records import (
     check_text,
     clean_referrer,
 )
-from .worker import LIVE_OWNER_TOKENS, AuthRequest, Work, Worker, WorkerSettings, WorkerStatus
+from .recovery import LIVE_OWNER_TOKENS
+from .status import BackgroundStatus
 
 if TYPE_CHECKING:
     import httpx
 
+    from .recorder import Recorder, Work
     from .timing import Timed
+    from .uplink import AuthRequest, UplinkWorker
 
 logger = logging.getLogger("anisota_agent")
 
@@ -79,13 +84,13 @@ class AgentStatus(NamedTuple):
     """A snapshot of what the agent is doing and what it has lost.
 
     Attributes:
-        enabled, running: recording at all; the worker started and not closed.
+        enabled, running: recording at all; the background threads started and not closed.
         store_path, store_mode: the SQLite file; ``sqlite``, ``memory`` (asked
             for, or after the file failed), ``starting`` or ``stopped``.
         session: the live session's record key, if any.
         outbox: sessions in the store by state (live, pending, synced, quarantined).
         dropped: calls this agent refused or cut short (by kind), since it started.
-        counters: losses and failures the worker counted (failed checkpoints,
+        counters: losses and failures the background threads counted (failed checkpoints,
             pruned sessions, ...), also kept in the store.
         last_error: the store's last failure.
         recovered: sessions of dead processes this agent expired at start.
@@ -232,76 +237,95 @@ class Agent:
         self._collected_events = 0  # the live session's total_events at the last round
         self._dropped: Counter[str] = Counter()
         self._dropped_total: Counter[str] = Counter()
+        # flush() callers waiting for a sync round, and for a recorder round only.
         self._waiters: list[threading.Event] = []
+        self._recorded_waiters: list[threading.Event] = []
         self._stopping = False  # close() was called: no restart
         self._close_deadline: float | None = None
         self._purge = False
         self._did: str | None = None
-        self._auth_request: AuthRequest | None = None
-        # A login was asked for and the worker has not answered: sessions started
-        # meanwhile belong to the account it logs in (see SessionState.awaiting_account).
-        self._login_pending = False
+        self._auth_requests: list[AuthRequest] = []
+        # The tag of the login under way (a requested one, or the saved one being
+        # resumed at start): sessions recorded meanwhile carry it and belong to the
+        # account it yields (see SessionState.awaiting_login).
+        self._awaiting: str | None = None
+        # (tag, did) pairs found since the recorder's last round.
+        self._attributions: list[tuple[str, str]] = []
         self._owner_token = os.urandom(16).hex()
-        self._worker: Worker | None = None
+        self._recorder: Recorder | None = None
+        self._uplink: UplinkWorker | None = None
+        self._status = BackgroundStatus()
         self._restart_in_child = False
         _AGENTS.add(self)
 
     # -- lifecycle -------------------------------------------------------------
 
     def start(self) -> Agent:
-        """Start the background worker (opens the store, recovers crashed sessions).
+        """Start the background threads (opens the store, recovers crashed sessions).
 
         Returns the agent, so ``agent = Agent(...).start()`` reads well. Calling it
         again, or after :meth:`close`, is a no-op. A disabled agent starts no thread.
         """
+        # The threads' modules load only when an agent starts (a light import).
+        from .recorder import Recorder
+        from .settings import BackgroundSettings
+        from .uplink import RESUME_TAG, UplinkWorker
+
         with self._lock:
-            if self._worker is not None or self._stopping or not self.enabled:
+            if self._recorder is not None or self._stopping or not self.enabled:
                 return self
             LIVE_OWNER_TOKENS.add(self._owner_token)
-            self._worker = Worker(
-                self,
-                WorkerSettings(
-                    data_dir=self._data_dir,
-                    in_memory=self._in_memory,
-                    owner_token=self._owner_token,
-                    checkpoint_interval=self._checkpoint_interval,
-                    max_session_age_ms=self._max_age_ns // 1_000_000,
-                    reserve_points=self._write_reserve,
-                    mirror_interval=self._mirror_interval,
-                    max_store_bytes=self._max_store_bytes,
-                    retention_s=self._retention_s,
-                    keyring=self._keyring,
-                ),
-                self._network,
-                wall_s=lambda: self._wall() / 1e9,
-                mono_s=self._mono_s,
+            if self._did is None and self._awaiting is None:
+                self._awaiting = RESUME_TAG  # a saved login may be resumed at once
+            self._status = BackgroundStatus()
+            settings = BackgroundSettings(
+                data_dir=self._data_dir,
+                in_memory=self._in_memory,
+                owner_token=self._owner_token,
+                checkpoint_interval=self._checkpoint_interval,
+                max_session_age_ms=self._max_age_ns // 1_000_000,
+                reserve_points=self._write_reserve,
+                mirror_interval=self._mirror_interval,
+                max_store_bytes=self._max_store_bytes,
+                retention_s=self._retention_s,
+                keyring=self._keyring,
             )
-            self._worker.start()
+            wall_s = self._wall_s
+            uplink = UplinkWorker(self, settings, self._status, self._network, wall_s, self._mono_s)
+            recorder = Recorder(self, settings, self._status, uplink, wall_s, self._mono_s)
+            self._uplink, self._recorder = uplink, recorder
+            recorder.start()
+            uplink.start(recorder.ready, lambda: recorder.store)
             atexit.register(self.close)
         return self
 
     def _forget_parent(self) -> None:
-        """In a forked child: nothing of the parent's worker, session or connections.
+        """In a forked child: nothing of the parent's threads, session or connections.
 
         The parent's lock may have been held by one of its threads at the fork, and
-        its worker thread does not exist here: start over with fresh state. The
-        child's first ``start_session`` starts its own worker (and store
+        its threads do not exist here: start over with fresh state. The
+        child's first ``start_session`` starts its own threads (and store
         connection). A saved app-password login is resumed from its file; a host's
         own ``use_auth`` is not carried over (its single-use refresh tokens must
         not be shared between processes).
         """
         self._lock = threading.Lock()
-        self._restart_in_child = self._worker is not None and not self._stopping
-        self._worker = None
+        self._restart_in_child = self._recorder is not None and not self._stopping
+        self._recorder = None
+        self._uplink = None
+        self._status = BackgroundStatus()
         self._stopping = False
         self._close_deadline = None
         self._session = None
         self._resumable = None
         self._finished = []
         self._waiters = []
+        self._recorded_waiters = []
         self._dirty = False
         self._purge = False
-        self._auth_request = None
+        self._auth_requests = []
+        self._attributions = []
+        self._awaiting = None
         self._dropped = Counter()
         self._dropped_total = Counter()
         LIVE_OWNER_TOKENS.discard(self._owner_token)
@@ -310,26 +334,26 @@ class Agent:
         self._network = self._new_network_monitor()
 
     def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> bool:
-        """End the session as ``app_close``, checkpoint it, and stop the worker.
+        """End the session as ``app_close``, checkpoint it, and stop the background threads.
 
         Returns within about ``timeout`` seconds whatever the disk does; True if
         everything was written in time. Safe to call twice.
         """
         self.end_session("app_close")
         with self._lock:
-            worker = self._worker
-            if worker is None or self._stopping:
+            recorder = self._recorder
+            if recorder is None or self._stopping:
                 self._stopping = True
-                return worker is None or worker.join(0)
+                return recorder is None or recorder.join(0)
             self._stopping = True
             # The last sync must leave time to close the store within the timeout.
-            self._close_deadline = self._wall() / 1e9 + timeout * 0.8
+            self._close_deadline = self._wall_s() + timeout * 0.8
         atexit.unregister(self.close)
-        worker.wake.set()
-        done = worker.join(timeout)
+        recorder.wake.set()
+        done = recorder.join(timeout)
         LIVE_OWNER_TOKENS.discard(self._owner_token)
         if not done:
-            logger.warning("agent worker did not finish within %.1f s", timeout)
+            logger.warning("agent threads did not finish within %.1f s", timeout)
         return done
 
     def __enter__(self) -> Agent:
@@ -354,24 +378,25 @@ class Agent:
     ) -> None:
         import asyncio
 
-        # close() waits (boundedly) for the worker: not on the event loop's thread.
+        # close() waits (boundedly) for the threads: not on the event loop's thread.
         await asyncio.to_thread(self.close)
 
-    def flush(self, timeout: float = 5.0) -> bool:
-        """Ask the worker for a round now and wait for it (blocks the caller).
+    def flush(self, timeout: float = 5.0, *, sync: bool = True) -> bool:
+        """Ask for a round now and wait for it (blocks the caller).
 
-        The round writes everything to the store and syncs what is due to the
-        PDS (unless offline or backing off). For tests, tools and moments where
-        the game can afford to wait; the recording calls never need it. True if
-        the round finished within ``timeout`` seconds.
+        The recorder writes everything to the store, then (unless ``sync=False``)
+        the uplink syncs what is due to the PDS (unless offline or backing off).
+        For tests, tools and moments where the game can afford to wait; the
+        recording calls never need it. True if the round(s) finished within
+        ``timeout`` seconds.
         """
         done = threading.Event()
         with self._lock:
-            worker = self._worker
-            if worker is None or self._stopping:
+            recorder = self._recorder
+            if recorder is None or self._stopping:
                 return False
-            self._waiters.append(done)
-        worker.wake.set()
+            (self._waiters if sync else self._recorded_waiters).append(done)
+        recorder.wake.set()
         return done.wait(timeout)
 
     def purge(self) -> None:
@@ -391,48 +416,89 @@ class Agent:
         ``http://`` to a loopback address). Sessions from now on belong to this
         account; a live session of another account is invalidated (account switch).
         """
+        from .uplink import AuthRequest
+
         with self._refusals():
             if not callable(getattr(auth, "sync_auth_flow", None)):
                 raise TypeError(f"auth must be an httpx.Auth; got {type(auth).__name__}")
             check_did("did", did)
             url = check_pds_url(pds_url)
         with self._lock:
-            self._auth_request = AuthRequest(kind="host", did=did, pds_url=url, auth=auth)
+            self._auth_requests.append(AuthRequest(kind="host", did=did, pds_url=url, auth=auth))
+            self._awaiting = None
             self._set_account_locked(did)
-        self._wake()
+        self._wake_uplink()
 
     def login(self, identifier: str, password: str, *, pds_url: str) -> None:
-        """Log in with an app password, on the worker thread (this call does no I/O).
+        """Log in with an app password, on the uplink's thread (this call does no I/O).
 
-        The password is held in memory only until the worker has used it; the
-        refresh token is kept in a 0600 file in the data dir, never the password.
-        ``status().account`` and ``status().auth_problem`` tell how it went.
+        A login the network keeps from the PDS is retried with backoff (at most a
+        minute apart, at once when the network comes back) until the PDS answers;
+        a refusal (wrong password) stops it, with the reason in
+        ``status().auth_problem``. The password is held in memory only until then;
+        the refresh token is kept in a 0600 file in the data dir (or the OS
+        keyring), never the password. Sessions started or ended while the login is
+        under way belong to the account it yields.
         """
+        from .uplink import AuthRequest
+
         with self._refusals():
             check_text("identifier", identifier, 2048)
             check_text("password", password, 1024)
             url = check_pds_url(pds_url)
+        tag = f"login:{url} {identifier}"
         with self._lock:
-            self._auth_request = AuthRequest(
-                kind="password", pds_url=url, identifier=identifier, password=password
+            self._auth_requests.append(
+                AuthRequest(
+                    kind="password", pds_url=url, identifier=identifier, password=password, tag=tag
+                )
             )
-            self._login_pending = True
-        self._wake()
+            self._awaiting = tag
+            session = self._session
+            if session is not None and session.did is None:
+                session.awaiting_login = tag  # the first to log in while it runs
+                self._dirty = True
+        self._wake_uplink()
 
     def logout(self) -> None:
         """End the session as ``logout`` and forget the account's credentials."""
+        from .uplink import AuthRequest
+
         self.end_session("logout")
         with self._lock:
-            self._auth_request = AuthRequest(kind="logout")
+            self._auth_requests.append(AuthRequest(kind="logout"))
             self._did = None
-        self._wake()
+            self._awaiting = None
+        self._wake_uplink()
 
-    def _set_account(self, did: str | None) -> None:
-        """The worker logged in (or resumed a saved login) as ``did``; None: it failed."""
+    def _take_auth_requests(self) -> list[AuthRequest]:
+        """The account changes asked for since the uplink's last look (called by it)."""
         with self._lock:
-            self._login_pending = False
-            if did is not None:
-                self._set_account_locked(did)
+            requests, self._auth_requests = self._auth_requests, []
+        return requests
+
+    def _has_auth_requests(self) -> bool:
+        """Whether an account change waits for the uplink (read without the lock)."""
+        return bool(self._auth_requests)
+
+    def _account_found(self, tag: str, did: str | None) -> None:
+        """The login tagged ``tag`` yielded ``did`` (None: it failed or was dropped).
+
+        Every session recorded under it is that account's, wherever it is by
+        now: live, finished in memory, or already in the store (the recorder's
+        next round moves those).
+        """
+        with self._lock:
+            if self._awaiting == tag:
+                self._awaiting = None
+            if did is None:
+                return
+            self._attributions.append((tag, did))
+            for state in self._finished:
+                if state.did is None and state.awaiting_login == tag:
+                    state.did = did
+            self._set_account_locked(did)
+        self._wake()
 
     def _set_account_locked(self, did: str) -> None:
         self._did = did
@@ -441,6 +507,7 @@ class Agent:
             return
         if session.did is None:
             session.did = did  # recorded while the login was under way: it is theirs
+            session.awaiting_login = None
             self._dirty = True
         else:
             logger.warning("account switched during session %s: invalidated", session.rkey)
@@ -531,7 +598,7 @@ class Agent:
             did=self._did,
         )
         session.parent_rkey = parent_rkey
-        session.awaiting_account = self._login_pending and self._did is None
+        session.awaiting_login = self._awaiting if self._did is None else None
         session.condition = self._network.condition
         session.expires_mono_ns = mono_ns + self._max_age_ns
         # wall - mono beyond this means the wall clock ran ahead: the machine slept.
@@ -694,8 +761,8 @@ class Agent:
         Ends a session that went idle, and resumes play in a new one (a
         continuation when recent enough). One clock read, one comparison: the
         clock counts time asleep, so a suspend is inactivity like any other; the
-        maximum age, and a sleep the clock could not count, are the worker's to
-        catch (within one checkpoint interval). The worker finds the change from
+        maximum age, and a sleep the clock could not count, are the recorder's to
+        catch (within one checkpoint interval). The recorder finds the change from
         ``total_events``.
         """
         now = self._mono()
@@ -785,15 +852,25 @@ class Agent:
 
         return Timed(self.report_request)
 
-    # -- the worker's side -------------------------------------------------------------
+    # -- the background threads' side----------------------------------------------------------
 
     def _wake(self) -> None:
-        worker = self._worker
-        if worker is not None:
-            worker.wake.set()
+        recorder = self._recorder
+        if recorder is not None:
+            recorder.wake.set()
+
+    def _wake_uplink(self) -> None:
+        uplink = self._uplink
+        if uplink is not None:
+            uplink.wake.set()
+
+    def _wall_s(self) -> float:
+        return self._wall() / 1e9
 
     def _collect(self) -> Work:
-        """Hand the worker what changed since its last round (called by the worker)."""
+        """Hand the recorder what changed since its last round (called by it)."""
+        from .recorder import Work
+
         with self._lock:
             session = self._session
             changed = session is not None and (
@@ -802,19 +879,21 @@ class Agent:
             work = Work(
                 live=session.copy() if session is not None and changed else None,
                 finished=self._finished,
+                attributions=self._attributions,
                 dropped=dict(self._dropped),
                 waiters=self._waiters,
+                recorded=self._recorded_waiters,
                 now_mono_ns=self._mono(),
                 stopping=self._stopping,
                 purge=self._purge,
-                auth_request=self._auth_request,
                 deadline=self._close_deadline,
             )
-            self._auth_request = None
+            self._attributions = []
             self._dropped_total.update(self._dropped)
             self._dropped.clear()
             self._finished = []
             self._waiters = []
+            self._recorded_waiters = []
             self._dirty = False
             self._collected_events = session.total_events if session is not None else 0
             self._purge = False
@@ -838,7 +917,7 @@ class Agent:
         """Bank the live session's time in each condition, the moment it changes.
 
         Called by the monitor (outside its own lock) on whichever thread observed
-        the change; back online, it wakes the worker so the queue syncs in seconds.
+        the change; back online, it wakes the uplink so the queue syncs in seconds.
         """
         with self._lock:
             session = self._session
@@ -848,10 +927,10 @@ class Agent:
                 session.set_condition(self._network.condition, int(change.at * 1e9))
                 self._dirty = True
         if change.reconnected:
-            self._wake()
+            self._wake_uplink()
 
     def _end_idle(self) -> float:
-        """Worker's check: end an idle session; returns seconds until the next check is due."""
+        """Recorder's check: end an idle session; returns seconds until the next check is due."""
         with self._lock:
             now = self._mono()
             self._end_if_idle_locked(now)
@@ -863,17 +942,16 @@ class Agent:
 
     def status(self) -> AgentStatus:
         """What the agent is doing and what it dropped; reads no file."""
-        worker = self._worker
-        worker_status = worker.snapshot_status() if worker is not None else None
+        running = self._recorder is not None
+        seen = self._status.snapshot()
         with self._lock:
             dropped = dict(self._dropped_total + self._dropped)
             session = self._session.rkey if self._session is not None else None
-        seen = worker_status or WorkerStatus()
         return AgentStatus(
             enabled=self.enabled,
-            running=worker is not None and not self._stopping,
+            running=running and not self._stopping,
             store_path=seen.store_path,
-            store_mode=seen.store_mode if worker_status else "stopped",
+            store_mode=seen.store_mode if running else "stopped",
             session=session,
             outbox=seen.outbox,
             dropped=dropped,

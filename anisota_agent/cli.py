@@ -332,7 +332,7 @@ def _logout(args: argparse.Namespace) -> int:
 
 
 def _flush(args: argparse.Namespace) -> int:
-    from .sync import Uplink
+    from .uplink import Uplink
 
     store = _open_store(args)
     uplink = Uplink(store, _token_store(args))

@@ -176,7 +176,7 @@ class SessionState:
     __slots__ = (
         "actions",
         "asleep_offset_ns",
-        "awaiting_account",
+        "awaiting_login",
         "client_version",
         "condition",
         "condition_ns",
@@ -244,8 +244,9 @@ class SessionState:
         self.status = "active"
         self.end_reason: str | None = None
         self.ended_mono_ns: int | None = None
-        #: Started while a login was under way: it belongs to the account logged in.
-        self.awaiting_account = False
+        #: The tag of the login under way when it started or ended, if any: the
+        #: session belongs to the account that login yields.
+        self.awaiting_login: str | None = None
         # Bounds the agent's hot path compares against (set by the agent).
         self.expires_mono_ns = 2**63
         self.asleep_offset_ns = 2**63

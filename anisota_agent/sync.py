@@ -1,6 +1,6 @@
 """The sync engine: pending sessions → the player's PDS, exactly once, within budget.
 
-Runs on the agent's worker thread (or in ``anisota-agent flush``). Strategy:
+Runs on the agent's uplink thread (or in ``anisota-agent flush``). Strategy:
 
 * **Fresh sessions** go in ``applyWrites`` batches of ``#create`` (up to 200 a
   request, 3 points each): 1,000 sessions take a handful of requests.
@@ -29,14 +29,11 @@ import json
 import logging
 import random
 import re
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import httpx
-
-from .auth import AppPasswordSession, Credentials, HostAuth, TokenStore
+from .auth import Credentials
 from .lexicon import SESSION_NSID
 from .store import Store, StoredSession
 from .xrpc import (
@@ -46,7 +43,6 @@ from .xrpc import (
     Forbidden,
     InvalidRequest,
     InvalidToken,
-    OnResponse,
     PayloadTooLarge,
     RateLimit,
     RateLimited,
@@ -126,7 +122,9 @@ class SyncEngine:
         self._rng = rng or random.Random()
         self._failures = 0
         self._deadline: float | None = None
+        self._interrupted: Callable[[], bool] | None = None
         self._wrote = False  # has a write answered yet (so the budget is known)?
+        self._validated: set[str] = set()  # final records do not change: check each once
         self._recall_budget()
 
     @property
@@ -152,18 +150,22 @@ class SyncEngine:
         self,
         deadline: float | None = None,
         progress: Callable[[int, int], None] | None = None,
+        interrupted: Callable[[], bool] | None = None,
     ) -> SyncStatus:
         """Write every due session it can before ``deadline`` (epoch seconds).
 
-        ``progress(done, total)`` is called after each request. Never raises for
+        ``progress(done, total)`` is called after each request. ``interrupted()``,
+        asked between requests, ends the pass early when it answers True (no
+        request is cut short for it, unlike by the deadline). Never raises for
         server, network or auth failures: they land in :attr:`status`.
         """
         total = 0
         done = 0
         self._deadline = deadline
+        self._interrupted = interrupted
         if self.due():
             # The wait is over: a past next_attempt_at left in the status made
-            # Uplink.seconds_until_retry() answer 0 for good, and the worker,
+            # Uplink.seconds_until_retry() answer 0 for good, and the uplink,
             # which sleeps that long at most, spin without pause.
             self.status.next_attempt_at = None
         try:
@@ -207,7 +209,7 @@ class SyncEngine:
     ) -> int:
         """Write ``rows``; returns how many were settled (synced or quarantined)."""
         before = self.status.synced + self.status.quarantined
-        plan = self._plan(rows)
+        plan = self._plan(self._valid(rows))
         for batch in self._batches(plan.creates):
             self._create(batch)
             progress(self.status.synced + self.status.quarantined - before)
@@ -221,6 +223,33 @@ class SyncEngine:
     def _check_deadline(self, deadline: float | None) -> None:
         if deadline is not None and self._now() >= deadline:
             raise SyncStopped
+        if self._interrupted is not None and self._interrupted():
+            raise SyncStopped
+
+    def _valid(self, rows: list[StoredSession]) -> list[StoredSession]:
+        """The rows whose records the lexicon accepts; the rest are quarantined.
+
+        The recorder stores what the game recorded without waiting for the
+        validator: this is where nothing invalid is ever sent.
+        """
+        from .lexicon import validate_record
+
+        valid = []
+        for row in rows:
+            if row.rkey not in self._validated:
+                try:
+                    validate_record(row.record)
+                except Exception as error:  # RecordValidationError, or text no codec takes
+                    self._refuse_locally(row.rkey, f"{type(error).__name__}: {error}")
+                    continue
+                self._validated.add(row.rkey)
+            valid.append(row)
+        return valid
+
+    def _refuse_locally(self, rkey: str, error: str) -> None:
+        self.store.quarantine(rkey, error)
+        self.status.quarantined += 1
+        logger.error("session %s is not a valid record, kept locally: %s", rkey, error)
 
     def _plan(self, rows: list[StoredSession]) -> _Plan:
         """Split rows into creates and puts, looking first where the PDS may hold one."""
@@ -522,126 +551,3 @@ def _refused_write(refused: XrpcError, count: int) -> int | None:
         return None
     index = named.pop()
     return index if index < count else None
-
-
-class Uplink:
-    """The worker's link to the player's PDS: the account, its client and sync engine.
-
-    Owns at most one account at a time. Every method runs on the worker thread
-    (or in the CLI) and never raises a network, server or auth failure: those
-    become :attr:`problem`, logged on the ``anisota_agent`` logger.
-    """
-
-    def __init__(
-        self,
-        store: Store,
-        token_store: TokenStore,
-        *,
-        on_response: OnResponse | None = None,
-        reserve_points: int = DEFAULT_RESERVE_POINTS,
-        now: Callable[[], float] = time.time,
-    ) -> None:
-        self.store = store
-        self.token_store = token_store
-        self.credentials: Credentials | None = None
-        self.engine: SyncEngine | None = None
-        #: Why there is no working account (a failed login, say), if so.
-        self.problem: str | None = None
-        self._on_response = on_response
-        self._reserve = reserve_points
-        self._now = now
-
-    @property
-    def did(self) -> str | None:
-        """The account's DID, if one is connected."""
-        return self.credentials.did if self.credentials is not None else None
-
-    def resume(self) -> str | None:
-        """Pick up the app-password session saved by an earlier run or ``login``."""
-        try:
-            credentials = AppPasswordSession.from_store(
-                self.token_store, on_response=self._on_response
-            )
-        except OSError as failure:
-            self.problem = f"cannot read the saved session: {failure}"
-            logger.error("%s", self.problem)
-            return None
-        if credentials is not None:
-            self._connect(credentials)
-        return self.did
-
-    def login(self, pds_url: str, identifier: str, password: str) -> str | None:
-        """App-password login; the password is used once and not kept."""
-        try:
-            credentials = AppPasswordSession.login(
-                pds_url, identifier, password, self.token_store, on_response=self._on_response
-            )
-        except (XrpcError, OSError) as failure:
-            self.problem = f"login failed: {type(failure).__name__}: {failure}"
-            logger.error("%s", self.problem)
-            return None
-        self._connect(credentials)
-        return self.did
-
-    def use_host_auth(self, auth: httpx.Auth, did: str, pds_url: str) -> str:
-        """Sync through the host's own ``httpx.Auth`` (its OAuth/DPoP session)."""
-        self._connect(HostAuth(auth, did, pds_url))
-        return did
-
-    def logout(self) -> None:
-        """Revoke and forget an app-password session; drop a host's auth."""
-        credentials = self.credentials
-        self._disconnect()
-        if isinstance(credentials, AppPasswordSession):
-            credentials.logout()
-        else:
-            self.token_store.clear()
-        self.problem = None
-
-    def due(self) -> bool:
-        """Whether a sync round could write something now."""
-        if self.engine is None or not self.engine.due():
-            return False
-        return bool(self.store.due_for_sync(self.engine.did, self._now(), limit=1))
-
-    def seconds_until_retry(self) -> float | None:
-        """Seconds until a backed-off or budget-limited sync may run again."""
-        if self.engine is None or self.engine.status.auth_problem is not None:
-            return None
-        next_at = self.engine.status.next_attempt_at
-        now = self._now()
-        # A time already past is nothing to wait for (0 here would be a busy loop
-        # in the worker while nothing is due, e.g. after the queue was pruned).
-        return None if next_at is None or next_at <= now else next_at - now
-
-    def sync(self, deadline: float | None = None) -> SyncStatus | None:
-        """One sync pass (see :meth:`SyncEngine.sync`); None without an account."""
-        if self.engine is None:
-            return None
-        return self.engine.sync(deadline)
-
-    def mirror(self, rkey: str, record: dict[str, Any]) -> bool:
-        """Put the live session's current record on the PDS (see :meth:`SyncEngine.mirror`)."""
-        return self.engine is not None and self.engine.mirror(rkey, record)
-
-    def close(self) -> None:
-        """Close the connections (the account stays saved)."""
-        self._disconnect()
-
-    def _connect(self, credentials: Credentials) -> None:
-        self._disconnect()
-        self.credentials = credentials
-        client = credentials.client(on_response=self._on_response)
-        self.engine = SyncEngine(
-            self.store, client, credentials, now=self._now, reserve_points=self._reserve
-        )
-        self.problem = None
-        logger.info("syncing as %s", credentials.describe())
-
-    def _disconnect(self) -> None:
-        if self.engine is not None:
-            self.engine.client.close()
-        if self.credentials is not None:
-            self.credentials.close()
-        self.engine = None
-        self.credentials = None

@@ -164,7 +164,7 @@ def bench_checkpoint(writes: int = 400) -> dict[str, Any]:
 
 
 class _CountingEvent(threading.Event):
-    """The worker's wake-up event, counting how often the worker sleeps on it."""
+    """A background thread's wake-up event, counting how often the thread sleeps on it."""
 
     waits = 0
 
@@ -174,7 +174,7 @@ class _CountingEvent(threading.Event):
 
 
 def bench_idle_worker(seconds: float = 30.0) -> dict[str, Any]:
-    """The worker's wake-ups per second and CPU use while the game idles in a session."""
+    """The background threads' wake-ups per second and CPU while the game idles in a session."""
     import psutil
 
     from anisota_agent import Agent
@@ -184,22 +184,27 @@ def bench_idle_worker(seconds: float = 30.0) -> dict[str, Any]:
         agent.start_session()
         agent.page("/idle")
         agent.flush()
-        worker = agent._worker
-        assert worker is not None
-        counting = _CountingEvent()
-        worker.wake = counting
-        agent.flush()  # the worker now sleeps on the counting event
-        thread_id = worker._thread.native_id
+        threads: list[Any] = [agent._recorder, agent._uplink]
+        events = []
+        for thread in threads:
+            assert thread is not None
+            thread.wake = _CountingEvent()
+            events.append(thread.wake)
+        agent.flush()  # both threads now sleep on counting events
+        thread_ids = {thread._thread.native_id for thread in threads}
         process = psutil.Process()
 
-        def worker_cpu() -> float:
-            return next(t.user_time + t.system_time for t in process.threads() if t.id == thread_id)
+        def background_cpu() -> float:
+            return sum(t.user_time + t.system_time for t in process.threads() if t.id in thread_ids)
 
-        waits, cpu, began = counting.waits, worker_cpu(), time.monotonic()
+        def waits() -> int:
+            return sum(event.waits for event in events)
+
+        waited, cpu, began = waits(), background_cpu(), time.monotonic()
         threading.Event().wait(seconds)  # the game idles
         elapsed = time.monotonic() - began
-        wakeups = counting.waits - waits
-        used = worker_cpu() - cpu
+        wakeups = waits() - waited
+        used = background_cpu() - cpu
         agent.close()
     return {
         "seconds": round(elapsed, 1),

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -160,3 +161,25 @@ def run_python(script: str, *args: str, env: dict[str, str] | None = None) -> st
         check=True,
     )
     return result.stdout
+
+
+class SteppedClock:
+    """The real clocks, which a test may step forward (past a backoff or a timeout).
+
+    Both the wall and the monotonic clock move together, so an agent given this
+    clock sees ordinary time that sometimes jumps ahead, as after a long wait.
+    """
+
+    def __init__(self) -> None:
+        self._offset_ns = 0
+        self._lock = threading.Lock()
+
+    def wall_ns(self) -> int:
+        return time.time_ns() + self._offset_ns
+
+    def monotonic_ns(self) -> int:
+        return time.monotonic_ns() + self._offset_ns
+
+    def step(self, seconds: float) -> None:
+        with self._lock:
+            self._offset_ns += int(seconds * 1e9)

@@ -5,6 +5,7 @@
         proxy.set_mode("cut")          # refuse new connections, reset open ones
         proxy.set_mode("hang")         # accept and read requests, never answer
         proxy.set_mode("pass")         # forward (the default)
+        proxy.delay(2.0)               # forward, but hold every answer back 2 s
         proxy.drop_response_once("/xrpc/com.atproto.repo.applyWrites")
         proxy.inject_response("/xrpc/com.atproto.repo.putRecord", 502)
         proxy.requests_seen("/xrpc/com.atproto.repo.")
@@ -12,7 +13,9 @@
 Requests are parsed (Content-Length or chunked bodies) and each one is sent to
 the upstream on a fresh connection with ``Connection: close``; the upstream's
 answer (Content-Length, chunked or read-to-close) is read whole and sent back
-with a Content-Length, so client keep-alive works. Stdlib only: an asyncio loop
+with a Content-Length, so client keep-alive works. With a delay set, each
+request is forwarded at once and its answer (forwarded or injected) held back
+that long before it is sent, as from a slow PDS or a long link. Stdlib only: an asyncio loop
 in a daemon thread; every control method is safe to call from the test thread
 and takes effect before it returns. Only 127.0.0.1 is listened on.
 """
@@ -114,7 +117,9 @@ class _State:
     seen: list[str] = field(default_factory=list)
     forwarded: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
+    held: list[str] = field(default_factory=list)
     connections: int = 0
+    delay: float = 0.0
 
 
 async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
@@ -187,13 +192,16 @@ class FaultProxy:
         self._port = port
         self._state = _State()
         self._lock = threading.Lock()
-        # Notified whenever a request arrives, for wait_for_request().
+        # Notified whenever a request arrives (wait_for_request()) or an answer
+        # starts being held back (wait_for_held()).
         self._arrived = threading.Condition(self._lock)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.StreamWriter] = set()
         self._hung: set[asyncio.StreamWriter] = set()
+        # Answers held back by a delay: released early (to be reset) when the link is cut.
+        self._holding: set[asyncio.Future[bool]] = set()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -278,6 +286,13 @@ class FaultProxy:
             _abort(w)
         self._conns.clear()
         self._hung.clear()
+        self._cancel_holding()
+
+    def _cancel_holding(self) -> None:
+        for waiting in list(self._holding):
+            if not waiting.done():
+                waiting.set_result(False)
+        self._holding.clear()
 
     # -- controls (test thread) -------------------------------------------------
 
@@ -303,17 +318,45 @@ class FaultProxy:
                 _abort(w)
             self._conns.clear()
             self._hung.clear()
+            self._cancel_holding()
         else:
             await self._listen()
 
     def cut(self) -> None:
+        """Refuse connections and reset open ones (a delay setting is kept for later)."""
         self.set_mode("cut")
 
     def hang(self) -> None:
         self.set_mode("hang")
 
     def passthrough(self) -> None:
+        """Forward every request and answer at once (clears a :meth:`delay`)."""
+        with self._lock:
+            self._state.delay = 0.0
         self.set_mode("pass")
+
+    def delay(self, seconds: float) -> None:
+        """Forward, holding every answer back ``seconds`` before it is sent.
+
+        Each request still reaches the upstream at once (a write commits there
+        right away); only its answer waits, as behind a slow PDS or a long link.
+        Injected answers wait too; a dropped answer is dropped after the wait.
+        Switches the proxy to ``pass`` if it was cut or hung (the delay is set
+        first, so no answer leaves undelayed). :meth:`passthrough` and
+        :meth:`reset` clear it; ``delay(0)`` does too. An answer already held
+        keeps the delay it started with; ``cut`` resets its connection like any.
+        """
+        if not seconds >= 0:
+            raise ValueError(f"delay must be >= 0 seconds; got {seconds!r}")
+        with self._lock:
+            self._state.delay = float(seconds)
+        self.set_mode("pass")
+
+    @property
+    def delay_seconds(self) -> float:
+        """The hold-back currently applied to each answer (0: none)."""
+        with self._lock:
+            return self._state.delay
 
     def drop_response_once(self, path_prefix: str, times: int = 1) -> None:
         """The next ``times`` requests whose path starts with ``path_prefix`` reach
@@ -352,6 +395,19 @@ class FaultProxy:
                 lambda: any(p.startswith(path_prefix) for p in self._state.seen), timeout
             )
 
+    def wait_for_held(self, path_prefix: str = "", timeout: float = 10.0) -> bool:
+        """Block until an answer to a request whose path starts with the prefix is
+        being held back by a :meth:`delay` (the upstream has answered it)."""
+        with self._arrived:
+            return self._arrived.wait_for(
+                lambda: any(p.startswith(path_prefix) for p in self._state.held), timeout
+            )
+
+    def answers_held(self, path_prefix: str = "") -> int:
+        """Answers held back by a delay so far whose request path starts with the prefix."""
+        with self._lock:
+            return sum(1 for p in self._state.held if p.startswith(path_prefix))
+
     def requests_forwarded(self, path_prefix: str = "") -> int:
         """Requests sent to the upstream whose path starts with the prefix."""
         with self._lock:
@@ -367,8 +423,10 @@ class FaultProxy:
             return sum(1 for p in self._state.dropped if p.startswith(path_prefix))
 
     def reset(self) -> None:
-        """Back to ``pass``, with no pending drops/injections and zeroed counters."""
+        """Back to ``pass`` with no delay, no pending drops/injections, zeroed counters."""
         with self._lock:
+            self._state.delay = 0.0
+            self._state.held.clear()
             self._state.drops.clear()
             self._state.injections.clear()
             self._state.seen.clear()
@@ -427,6 +485,9 @@ class FaultProxy:
                     return
                 inj = self._take_injection(req.path)
                 if inj is not None:
+                    if not await self._hold(req.path):
+                        _abort(writer)
+                        return
                     await self._send(
                         writer,
                         f"HTTP/1.1 {inj.status} {_REASONS.get(inj.status, 'Status')}",
@@ -444,6 +505,9 @@ class FaultProxy:
                 except (OSError, asyncio.IncompleteReadError, ValueError):
                     # Upstream down or broken: the client sees its connection reset.
                     _abort(writer)
+                    return
+                if not await self._hold(req.path):
+                    _abort(writer)  # cut while held: the answer never arrives
                     return
                 if drop:
                     with self._lock:
@@ -467,6 +531,33 @@ class FaultProxy:
             self._hung.discard(writer)
             if not writer.is_closing():
                 writer.close()
+
+    async def _hold(self, path: str) -> bool:
+        """Hold an answer back for the delay in force (none: at once).
+
+        False if the link was cut (or the proxy stopped) meanwhile: do not answer.
+        """
+        with self._lock:
+            seconds = self._state.delay
+            if seconds > 0:
+                self._state.held.append(path)
+                self._arrived.notify_all()
+        if seconds <= 0:
+            return True
+        loop = asyncio.get_running_loop()
+        waiting: asyncio.Future[bool] = loop.create_future()
+
+        def release() -> None:
+            if not waiting.done():
+                waiting.set_result(True)
+
+        timer = loop.call_later(seconds, release)
+        self._holding.add(waiting)
+        try:
+            return await waiting
+        finally:
+            timer.cancel()
+            self._holding.discard(waiting)
 
     async def _read_request(self, reader: asyncio.StreamReader) -> _Request | None:
         try:

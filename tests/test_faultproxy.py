@@ -1,9 +1,10 @@
-"""FaultProxy against the real PDS: pass, cut, hang, drop_response_once, inject."""
+"""FaultProxy against the real PDS: pass, cut, hang, delay, drop_response_once, inject."""
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -180,3 +181,86 @@ def test_inject_response(account: Account, proxy: FaultProxy, client: httpx.Clie
     assert proxy.requests_forwarded(PUT) == 0
     assert put(client, account, "3lbyzq2a3v22c").status_code == 200
     assert proxy.requests_forwarded(PUT) == 1
+
+
+def test_delay_forwards_at_once_and_holds_every_answer_back(
+    pds: PdsServer, account: Account, proxy: FaultProxy, client: httpx.Client
+) -> None:
+    proxy.delay(0.6)
+    assert proxy.delay_seconds == 0.6
+    outcome: list[httpx.Response | BaseException] = []
+    began = time.monotonic()
+
+    def call() -> None:
+        try:
+            outcome.append(put(client, account, "3lbyzq2a3v22c", status="ended"))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    # The PDS has answered and committed; the client is still waiting for the answer.
+    assert proxy.wait_for_held(PUT, timeout=5)
+    got = pds.get_record(account, SESSION_COLLECTION, "3lbyzq2a3v22c")
+    assert got is not None and got["value"]["status"] == "ended"
+    assert not outcome
+    caller.join(timeout=10)
+    elapsed = time.monotonic() - began
+    assert len(outcome) == 1 and isinstance(outcome[0], httpx.Response)
+    assert outcome[0].status_code == 200
+    assert outcome[0].json()["cid"] == got["cid"]
+    assert elapsed >= 0.6
+    # Injected answers wait too, on the same keep-alive connection.
+    proxy.inject_response(PUT, 502)
+    began = time.monotonic()
+    assert put(client, account, "3lbyzq2a3v22d").status_code == 502
+    assert time.monotonic() - began >= 0.6
+    assert proxy.answers_held(PUT) == 2
+    assert proxy.requests_forwarded(PUT) == 1
+    # passthrough() clears it: a request made now is answered without the wait.
+    proxy.passthrough()
+    assert proxy.delay_seconds == 0.0
+    began = time.monotonic()
+    assert put(client, account, "3lbyzq2a3v22d").status_code == 200
+    assert time.monotonic() - began < 0.6
+    assert proxy.answers_held() == 2
+
+
+def test_delay_reopens_a_cut_link_and_reset_clears_it(account: Account, proxy: FaultProxy) -> None:
+    proxy.cut()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{proxy.url}/xrpc/_health", timeout=2)
+    proxy.delay(0.3)  # back, and slow from its first answer on
+    assert proxy.mode == "pass"
+    began = time.monotonic()
+    assert httpx.get(f"{proxy.url}/xrpc/_health", timeout=5).status_code == 200
+    assert time.monotonic() - began >= 0.3
+    with pytest.raises(ValueError, match="delay"):
+        proxy.delay(-1)
+    proxy.reset()
+    assert (proxy.delay_seconds, proxy.answers_held()) == (0.0, 0)
+    with httpx.Client(base_url=proxy.url, timeout=0.25) as quick:
+        assert quick.get("/xrpc/_health").status_code == 200  # would time out if held
+
+
+def test_cut_resets_a_request_whose_answer_is_held(
+    pds: PdsServer, account: Account, proxy: FaultProxy, client: httpx.Client
+) -> None:
+    proxy.delay(30)
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            put(client, account, "3lbyzq2a3v22c")
+        except BaseException as exc:
+            errors.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    assert proxy.wait_for_held(PUT, timeout=5)
+    proxy.cut()
+    caller.join(timeout=5)
+    assert not caller.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], httpx.TransportError)
+    # Committed upstream although the answer never arrived.
+    assert pds.get_record(account, SESSION_COLLECTION, "3lbyzq2a3v22c") is not None

@@ -96,7 +96,7 @@ def test_session_of_a_closed_agent_in_this_process_is_recovered(tmp_path: Path) 
     rkey = first.start_session()
     assert first.flush()
     # Simulate the agent's death without close(): its token leaves the live set.
-    from anisota_agent.worker import LIVE_OWNER_TOKENS
+    from anisota_agent.recovery import LIVE_OWNER_TOKENS
 
     LIVE_OWNER_TOKENS.discard(first._owner_token)
     second = Agent("1.0", data_dir=tmp_path).start()

@@ -34,7 +34,8 @@ from anisota_agent.auth import AppPasswordSession, MemoryTokenStore
 from anisota_agent.clock import TidGenerator
 from anisota_agent.lexicon import validate_record
 from anisota_agent.store import DB_FILENAME, Store, StoredSession
-from anisota_agent.sync import FIRST_BATCH, MAX_BATCH, SyncEngine, Uplink
+from anisota_agent.sync import FIRST_BATCH, MAX_BATCH, SyncEngine
+from anisota_agent.uplink import Uplink
 from anisota_agent.xrpc import create_write
 
 TIDS = TidGenerator()
@@ -645,10 +646,37 @@ def test_a_429_between_batches_is_honoured_until_its_reset(
 # -- 7. a record the PDS refuses ----------------------------------------------------------------
 
 
-@pytest.mark.invalid_records  # planted on purpose, bypassing the agent's validation
-def test_refused_record_is_quarantined_and_the_rest_of_its_batch_syncs(
+@pytest.mark.invalid_records  # planted on purpose
+def test_an_invalid_record_is_quarantined_before_it_is_ever_sent(
     pds: PdsServer, account: Account, store: Store, connect: Connect, recorder: Recorder
 ) -> None:
+    sessions = [session_record(account.did, index) for index in range(25)]
+    sessions[3][1]["activitySummary"]["totalEvents"] = 1.5  # no floats in the data model
+    for rkey, record in sessions:
+        assert store.finalize(rkey, account.did, record, OWNER, "2026-11-24")
+    bad_rkey = sessions[3][0]
+    engine, _ = connect(pds.url, account)
+    status = engine.sync()
+    assert status.synced == 24 and status.quarantined == 1
+    row = store.get(bad_rkey)
+    assert row is not None and row.outbox == "quarantined" and not row.in_flight
+    assert row.last_error is not None and "floats are not allowed" in row.last_error
+    assert [(e.nsid, e.status) for e in recorder.log] == [(APPLY, 200), (APPLY, 200)]
+    assert_exactly_once(pds, account, store, [rkey for rkey, _ in sessions if rkey != bad_rkey])
+
+
+@pytest.mark.invalid_records  # planted on purpose, bypassing the agent's validation
+def test_refused_record_is_quarantined_and_the_rest_of_its_batch_syncs(
+    pds: PdsServer,
+    account: Account,
+    store: Store,
+    connect: Connect,
+    recorder: Recorder,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A record the lexicon passes and the PDS refuses all the same, as a newer
+    # PDS might: here, by switching the agent's own check off.
+    monkeypatch.setattr("anisota_agent.lexicon.validate_record", lambda record: None)
     sessions = [session_record(account.did, index) for index in range(25)]
     sessions[3][1]["activitySummary"]["totalEvents"] = 1.5  # no floats in the data model
     for rkey, record in sessions:

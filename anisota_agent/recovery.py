@@ -1,0 +1,71 @@
+"""Finding sessions whose process died, and expiring them.
+
+A session belongs to one process (and one agent in it) while it is ``live``.
+After a crash, a kill or a power loss its row is still ``live``: the next agent
+to open the store expires it at its last activity (``expired``/``timeout``),
+and never touches a session whose owner still runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING
+
+from .clock import parse_datetime
+from .records import expire_record
+
+if TYPE_CHECKING:
+    from .store import Store, StoredSession
+
+__all__ = ["LIVE_OWNER_TOKENS", "expire_dead_sessions", "owner_alive"]
+
+logger = logging.getLogger("anisota_agent")
+
+#: Tokens of the agents alive in this process; recovery in this process uses it
+#: to tell a crashed earlier agent's session from a running one's.
+LIVE_OWNER_TOKENS: set[str] = set()
+
+
+def owner_alive(pid: int | None, started: float | None, token: str | None) -> bool:
+    """Whether the agent that owns a session still runs.
+
+    A pid alone is not enough: pids are reused, so the process's create time must
+    match too. In this very process, the owner's token must still be registered.
+    """
+    import psutil
+
+    if pid is None or started is None:
+        return False
+    try:
+        create_time = psutil.Process(pid).create_time()
+    except psutil.Error:
+        return False
+    if abs(create_time - started) > 0.01:
+        return False
+    if pid == os.getpid():
+        return token in LIVE_OWNER_TOKENS
+    return True
+
+
+def expire_dead_sessions(store: Store, now_ms: int, max_age_ms: int) -> int:
+    """Expire the live sessions whose owner died or that outlived ``max_age_ms``.
+
+    Returns how many were expired. Validation waits for the sync, which checks
+    every record before it leaves.
+    """
+    expired = 0
+    for stale in store.live_sessions():
+        if not _should_expire(stale, now_ms, max_age_ms):
+            continue
+        if store.expire(stale, expire_record(stale.record, now_ms), None):
+            expired += 1
+    if expired:
+        logger.info("recovered %d session(s) left active by a dead process", expired)
+    return expired
+
+
+def _should_expire(stale: StoredSession, now_ms: int, max_age_ms: int) -> bool:
+    if now_ms - parse_datetime(stale.record["startedAt"]) > max_age_ms:
+        return True
+    return not owner_alive(stale.owner_pid, stale.owner_started, stale.owner_token)
