@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
-    from .auth import TokenStore
     from .store import Store
+    from .tokens import TokenStore
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -283,7 +283,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _token_store(args: argparse.Namespace) -> TokenStore:
-    from .auth import token_store_for
+    from .tokens import token_store_for
 
     return token_store_for(_data_dir(args))
 

@@ -145,3 +145,34 @@ def apply(conn: sqlite3.Connection) -> None:
     # No plugins: they could only add SQL functions, and loading them scans every
     # installed package's entry points.
     migrations.apply(Database(conn, execute_plugins=False))
+
+
+def schema() -> str:
+    """The schema the migrations leave a new database with, as one SQL script.
+
+    ``anisota_agent/schema.sql`` holds it, so that a new store is made without
+    importing sqlite-utils (``python -m anisota_agent.migrations`` prints it;
+    a test keeps the two equal).
+    """
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    with conn:
+        conn.execute("BEGIN IMMEDIATE")
+        apply(conn)
+        conn.execute("COMMIT")
+        statements = [
+            f"{sql};\n"
+            for (sql,) in conn.execute(
+                "SELECT sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY rowid"
+            )
+        ]
+    conn.close()
+    header = (
+        "-- The store's schema as the migrations of anisota_agent/migrations.py leave a\n"
+        "-- new database, made in one go without importing sqlite-utils.\n"
+        "-- Regenerate: python -m anisota_agent.migrations > anisota_agent/schema.sql\n"
+    )
+    return header + "\n".join(["", *statements])
+
+
+if __name__ == "__main__":
+    print(schema(), end="")

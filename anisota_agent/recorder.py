@@ -202,22 +202,40 @@ class Recorder:
                 if state.did is None and state.awaiting_login == tag:
                     state.did = did
             self._attribute(tag, did)
-        wrote_final = False
-        live = work.live
-        for _ in range(2):  # once more after a disk fault moved us to a working store
-            try:
-                if live is not None:
-                    self._save(live, work.now_mono_ns, final=False)
-                    live = None
-                while self._held:
-                    self._save(self._held[0], work.now_mono_ns, final=True)
-                    self._held.pop(0)
-                    wrote_final = True
-                break
-            except _DiskFault as fault:
-                self._disk_failed(fault.error)
+        wrote_final = self._write_round(work.live, work.now_mono_ns)
         self._refresh_outbox()
         return wrote_final
+
+    def _write_round(self, live: SessionState | None, now_mono_ns: int) -> bool:
+        """The live session and every held one in one commit; True if any was final.
+
+        One commit a round, not one a session: a game ending sessions faster
+        than a commit takes never leaves the recorder behind. A disk fault rolls
+        the whole round back; it is written again, once, to the store the fault
+        moved us to.
+        """
+        from .store import is_disk_fault
+
+        store = self.store
+        assert store is not None
+        for _ in range(2):
+            try:
+                with store.transaction():
+                    if live is not None:
+                        self._save(live, now_mono_ns, final=False)
+                    for state in self._held:
+                        self._save(state, now_mono_ns, final=True)
+            except _DiskFault as fault:
+                self._disk_failed(fault.error)
+            except Exception as failure:  # the commit itself failed
+                if not is_disk_fault(failure):
+                    raise
+                self._disk_failed(failure)
+            else:
+                wrote_final = bool(self._held)
+                self._held.clear()
+                return wrote_final
+        return False
 
     def _attribute(self, tag: str, did: str) -> None:
         assert self.store is not None
@@ -305,18 +323,19 @@ class Recorder:
         settings = self._settings
         pid = os.getpid()
         self._owner = Owner(pid, psutil.Process(pid).create_time(), settings.owner_token)
-        directory = settings.store_dir()
-        self._path = directory / DB_FILENAME if directory is not None else None
-        if self._path is None:
+        if settings.in_memory:
             self.store = Store(None)
             self._status.update(store_path=None, store_mode="memory")
             return
-        self._status.update(store_path=str(self._path))
         try:
+            directory = settings.store_dir()
+            assert directory is not None
+            self._path = directory / DB_FILENAME
+            self._status.update(store_path=str(self._path))
             self.store = Store.open(self._path)
-        except Exception as failure:
+        except Exception as failure:  # no data dir, or a file that cannot be opened
             self.store = Store(None)
-            self._fall_back(f"cannot open {self._path}: {failure}")
+            self._fall_back(f"cannot open the store at {self._path or 'the data dir'}: {failure}")
             return
         self._status.update(store_mode="sqlite")
         self._report_salvage()

@@ -22,11 +22,12 @@ from .records import is_loopback_host
 if TYPE_CHECKING:
     import httpx
 
-    from .auth import Credentials, TokenStore
+    from .auth import Credentials
     from .settings import BackgroundSettings
     from .status import BackgroundStatus
     from .store import Store
     from .sync import SyncEngine, SyncStatus
+    from .tokens import TokenStore
     from .xrpc import OnResponse
 
 # The modules behind the link (httpx among them) are imported on the uplink's
@@ -114,9 +115,11 @@ class Uplink:
 
     def resume(self) -> str | None:
         """Pick up the app-password session saved by an earlier run or ``login``."""
-        from .auth import AppPasswordSession
-
         try:
+            if self.token_store.load() is None:
+                return None  # nothing saved: no reason to import httpx at all
+            from .auth import AppPasswordSession
+
             credentials = AppPasswordSession.from_store(
                 self.token_store, on_response=self._on_response
             )
@@ -141,7 +144,8 @@ class Uplink:
             LoginDeferred: the PDS could not be asked or could not answer (network,
                 5xx, 429): try again later.
         """
-        from .auth import AppPasswordSession, MemoryTokenStore
+        from .auth import AppPasswordSession
+        from .tokens import MemoryTokenStore
         from .xrpc import NetworkError, RateLimited, ServerError, XrpcError
 
         try:
@@ -350,7 +354,7 @@ class UplinkWorker:
         self._link.close()
 
     def _token_store(self) -> TokenStore:
-        from .auth import MemoryTokenStore, token_store_for
+        from .tokens import MemoryTokenStore, token_store_for
 
         directory = self._settings.store_dir()
         if directory is None:

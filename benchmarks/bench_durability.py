@@ -271,6 +271,7 @@ class Samples:
     notes: list[str] = field(default_factory=list)
     worst: list[tuple[float, str, str]] = field(default_factory=list)
     missing_detail: dict[str, Any] = field(default_factory=dict)
+    start_never_live: int = 0  # first seen already ended (its live row never committed)
 
 
 def _spawn(role: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
@@ -356,6 +357,8 @@ def _measured_run(
             continue
         table = seen["present"] if kind == "S" else seen["ended"]
         stamp = table.get(rkey)
+        if kind == "S" and stamp is not None and rkey not in seen["live"]:
+            samples.start_never_live += 1
         if stamp is None:
             (samples.start_missing if kind == "S" else samples.end_missing).append(rkey)
             continue
@@ -410,6 +413,7 @@ def _summary(samples: Samples) -> dict[str, Any]:
         "end": _stats(samples.end, len(samples.end_missing)),
         "all": _stats(both, missing),
         "first_start_of_each_process_ms": samples.first_start_ms,
+        "starts_first_seen_already_ended": samples.start_never_live,
         "observer_poll_ms_p99": round(max(samples.poll_gap_p99_ms), 3)
         if samples.poll_gap_p99_ms
         else None,
@@ -601,6 +605,9 @@ def main() -> None:
 
     sys.path.insert(0, str(HERE.parent.parent / "tests"))
     from pds_harness import PdsServer
+    from soak import compile_package
+
+    compile_package()
 
     phases = args.only or ["idle", "login", "drain"]
     figures: dict[str, Any] = {}

@@ -28,9 +28,10 @@ from agent_helpers import seed  # tests/ is on the path (above)
 from faultproxy import FaultProxy
 from pds_harness import PdsServer
 
-from anisota_agent.auth import AppPasswordSession, MemoryTokenStore
+from anisota_agent.auth import AppPasswordSession
 from anisota_agent.store import DB_FILENAME, Store
 from anisota_agent.sync import DEFAULT_RESERVE_POINTS, SyncEngine
+from anisota_agent.tokens import MemoryTokenStore
 
 TARGET_SECONDS = 5.0
 TARGET_REQUESTS = 10

@@ -31,6 +31,7 @@ recognised by the TID's time).
 
 from __future__ import annotations
 
+import compileall
 import contextlib
 import dataclasses
 import json
@@ -164,6 +165,7 @@ class SoakResult:
     losses: list[Loss] = field(default_factory=list)
     unknown_on_pds: list[dict[str, Any]] = field(default_factory=list)
     malformed_journal_lines: int = 0
+    run_log: list[RunInfo] = field(default_factory=list)
 
     def figures(self) -> dict[str, Any]:
         """The headline figures (no per-loss detail)."""
@@ -408,6 +410,18 @@ def _lines_from(journal: Path, offset: int) -> list[list[str]]:
     return out
 
 
+def compile_package() -> None:
+    """Byte-compile the agent, so game processes load it as an installed one does.
+
+    pip compiles a package at install; where ``PYTHONDONTWRITEBYTECODE`` is set
+    (this machine's environment does), every fresh game process would compile
+    it from source instead, tens of ms before its first write.
+    """
+    import anisota_agent
+
+    compileall.compile_dir(str(Path(anisota_agent.__file__).parent), quiet=1)
+
+
 def run_soak(
     pds: PdsServer,
     account: Account,
@@ -417,6 +431,7 @@ def run_soak(
     progress: Any = None,
 ) -> SoakResult:
     """Run the soak in ``workdir`` (data dir, journal, child stderr) and analyse it."""
+    compile_package()
     began = time.monotonic()
     rng = random.Random(config.seed)
     data_dir = workdir / "data"
@@ -645,6 +660,7 @@ def analyse(
     store = _store_rows(data_dir)
 
     result.runs = len(runs)
+    result.run_log = list(runs)
     result.kills = sum(1 for info in runs if info.kill_ns is not None)
     result.spared_runs = result.runs - result.kills
     result.killed_returncodes = [

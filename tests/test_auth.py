@@ -23,14 +23,9 @@ import pytest
 from agent_helpers import Bearer, fake_keyring
 from pds_harness import SESSION_COLLECTION, Account, PdsServer
 
-from anisota_agent.auth import (
-    AppPasswordSession,
-    FileTokenStore,
-    HostAuth,
-    KeyringTokenStore,
-    MemoryTokenStore,
-)
+from anisota_agent.auth import AppPasswordSession, HostAuth
 from anisota_agent.clock import TidGenerator
+from anisota_agent.tokens import FileTokenStore, KeyringTokenStore, MemoryTokenStore
 from anisota_agent.xrpc import (
     AccountUnavailable,
     ExpiredToken,

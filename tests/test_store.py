@@ -703,3 +703,26 @@ def test_a_damaged_store_is_moved_aside_and_recording_goes_on(tmp_path: Path) ->
     with store_at(tmp_path) as store:
         row = store.get(rkey)
     assert row is not None and row.outbox == "pending"
+
+
+def _schema(conn: sqlite3.Connection) -> list[tuple[str, str, str | None]]:
+    return conn.execute("SELECT type, name, sql FROM sqlite_master ORDER BY type, name").fetchall()
+
+
+def test_a_new_store_gets_exactly_the_schema_the_migrations_make(tmp_path: Path) -> None:
+    """schema.sql (no sqlite-utils import) and the migrations agree, to the letter."""
+    from anisota_agent import migrations
+
+    made = Store(tmp_path / "new.sqlite3")
+    migrated = sqlite3.connect(":memory:", isolation_level=None)
+    migrated.execute("BEGIN IMMEDIATE")
+    migrations.apply(migrated)
+    migrated.execute("COMMIT")
+    try:
+        assert _schema(made.db) == _schema(migrated)
+        assert not pending_migrations(made.db)
+        shipped = (Path(migrations.__file__).with_name("schema.sql")).read_text()
+        assert shipped == migrations.schema(), "regenerate anisota_agent/schema.sql"
+    finally:
+        made.close()
+        migrated.close()

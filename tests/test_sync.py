@@ -30,11 +30,12 @@ from faultproxy import FaultProxy
 from pds_harness import SESSION_COLLECTION, Account, PdsServer
 
 from anisota_agent import Agent
-from anisota_agent.auth import AppPasswordSession, MemoryTokenStore
+from anisota_agent.auth import AppPasswordSession
 from anisota_agent.clock import TidGenerator
 from anisota_agent.lexicon import validate_record
 from anisota_agent.store import DB_FILENAME, Store, StoredSession
 from anisota_agent.sync import FIRST_BATCH, MAX_BATCH, SyncEngine
+from anisota_agent.tokens import MemoryTokenStore
 from anisota_agent.uplink import Uplink
 from anisota_agent.xrpc import create_write
 
