@@ -193,6 +193,41 @@ def is_corrupt(error: BaseException) -> bool:
     return "malformed" in message or "not a database" in message or "corrupt" in message
 
 
+#: Pages of write-ahead log after which a commit checkpoints it itself.
+WAL_BACKSTOP_PAGES = 10_000
+
+
+class WalCheckpointer:
+    """Copies a store's write-ahead log into its file, on a connection of its own.
+
+    Passive checkpoints: they wait for no writer and no writer waits for them,
+    and they take nothing the recorder holds (the uplink runs them between its
+    rounds). One connection for the checkpointer's life, re-opened only when the
+    store's file changes: closing connections to a file also open elsewhere in
+    the process is what SQLite handles worst (after a fork above all).
+    """
+
+    def __init__(self) -> None:
+        self._conn: sqlite3.Connection | None = None
+        self._path: Path | None = None
+
+    def checkpoint(self, path: Path) -> None:
+        """One passive checkpoint of the WAL of the store at ``path``."""
+        with _GATE.inside():
+            if self._conn is None or self._path != path:
+                self.close()
+                self._conn = sqlite3.connect(str(path), timeout=1.0, isolation_level=None)
+                self._path = path
+            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+
+    def close(self) -> None:
+        """Close the connection, if one is open."""
+        with _GATE.inside():
+            if self._conn is not None:
+                self._conn.close()
+            self._conn, self._path = None, None
+
+
 def pending_migrations(conn: sqlite3.Connection) -> list[str]:
     """The names of :data:`MIGRATIONS` the database on ``conn`` has not applied.
 
@@ -225,12 +260,66 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
+class _ForkGate:
+    """SQLite work under way in this process, counted, so that a fork waits for it.
+
+    A fork copies SQLite's own mutexes as they are: forked while a thread was
+    inside SQLite (opening a file, checkpointing), the child finds them held
+    forever and hangs at its first connection. So every entry into SQLite passes
+    this gate, and ``os.fork`` waits (a second at most) until none is under way.
+    """
+
+    WAIT_SECONDS = 1.0
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._busy = 0
+        self._forking = False
+
+    @contextmanager
+    def inside(self) -> Iterator[None]:
+        """Around one piece of SQLite work."""
+        with self._cond:
+            while self._forking:
+                self._cond.wait()
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy -= 1
+                if not self._busy:
+                    self._cond.notify_all()
+
+    def before_fork(self) -> None:
+        with self._cond:
+            self._forking = True
+            self._cond.wait_for(lambda: not self._busy, timeout=self.WAIT_SECONDS)
+
+    def after_fork_in_parent(self) -> None:
+        with self._cond:
+            self._forking = False
+            self._cond.notify_all()
+
+    def after_fork_in_child(self) -> None:
+        self.__init__()  # type: ignore[misc]  # the threads that held it are gone
+
+
+_GATE = _ForkGate()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_GATE.before_fork,
+        after_in_parent=_GATE.after_fork_in_parent,
+        after_in_child=_GATE.after_fork_in_child,
+    )
+
+
 def _locked(method: Callable[Concatenate[Store, _P], _R]) -> Callable[Concatenate[Store, _P], _R]:
     """Run ``method`` holding the store's lock: the recorder and the uplink share it."""
 
     @functools.wraps(method)
     def locked(self: Store, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
-        with self._lock:
+        with self._lock, _GATE.inside():
             return method(self, *args, **kwargs)
 
     return locked
@@ -304,14 +393,15 @@ class Store:
         self._lock = threading.RLock()
         #: What was salvaged when this store replaced a corrupt file, else None.
         self.salvage: Salvage | None = None
-        conn = self._connect(path)
-        try:
-            self.db: sqlite3.Connection = conn
-            self._migrate()
-            self._identity = _identity(path)
-        except BaseException:
-            conn.close()  # never move a file aside under an open connection
-            raise
+        with _GATE.inside():
+            conn = self._connect(path)
+            try:
+                self.db: sqlite3.Connection = conn
+                self._migrate()
+                self._identity = _identity(path)
+            except BaseException:
+                conn.close()  # never move a file aside under an open connection
+                raise
 
     @staticmethod
     def _connect(path: Path | None) -> sqlite3.Connection:
@@ -334,6 +424,11 @@ class Store:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=5000")
+            # Copying the log into the file (40-90 ms with its fsync) is left to
+            # checkpoint_wal(), off the recorder's path: done in a commit, it held
+            # the store's lock in whichever thread's commit crossed 1,000 pages.
+            # This high mark is only a backstop should nobody call it.
+            conn.execute(f"PRAGMA wal_autocheckpoint={WAL_BACKSTOP_PAGES}")
             # As sqlite-utils set it: a REPLACE's deletions fire the delete triggers.
             conn.execute("PRAGMA recursive_triggers=on")
             # Only a cheap check here (the header; pending_migrations() reads the
@@ -567,7 +662,7 @@ class Store:
         Every write inside commits at once at its end (or none does, on an
         error): the recorder writes a whole round's sessions with one commit.
         """
-        with self._lock, atomic(self.db, immediate=True):
+        with self._lock, _GATE.inside(), atomic(self.db, immediate=True):
             yield
 
     def _immediate(self) -> AbstractContextManager[None]:
@@ -857,11 +952,20 @@ class Store:
     @_locked
     def mark_synced(self, rkey: str, uri: str, cid: str, at: float) -> None:
         """The PDS holds this session's final record."""
-        self.db.execute(
-            "UPDATE sessions SET outbox = 'synced', in_flight = 0, uri = ?, cid = ?,"
-            " synced_at = ?, last_error = NULL, next_attempt_at = NULL WHERE rkey = ?",
-            [uri, cid, at, rkey],
-        )
+        self.mark_synced_many([(rkey, uri, cid)], at)
+
+    @_locked
+    def mark_synced_many(self, marks: list[tuple[str, str, str]], at: float) -> None:
+        """The PDS holds these sessions' final records: ``(rkey, uri, cid)`` each.
+
+        One commit for a whole batch's answers, not one a session.
+        """
+        with atomic(self.db):
+            self.db.executemany(
+                "UPDATE sessions SET outbox = 'synced', in_flight = 0, uri = ?, cid = ?,"
+                " synced_at = ?, last_error = NULL, next_attempt_at = NULL WHERE rkey = ?",
+                [(uri, cid, at, rkey) for rkey, uri, cid in marks],
+            )
 
     @_locked
     def mark_mirrored(self, rkey: str) -> None:

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .auth import Credentials
     from .settings import BackgroundSettings
     from .status import BackgroundStatus
-    from .store import Store
+    from .store import Store, WalCheckpointer
     from .sync import SyncEngine, SyncStatus
     from .tokens import TokenStore
     from .xrpc import OnResponse
@@ -39,6 +39,8 @@ logger = logging.getLogger("anisota_agent")
 
 #: How often the uplink looks at the network interfaces (psutil), at most.
 INTERFACE_POLL_SECONDS = 5.0
+#: The uplink checkpoints the store's write-ahead log at least this often.
+WAL_CHECKPOINT_SECONDS = 30.0
 #: Retries of a login the network kept from the PDS: doubling, with jitter, to the cap.
 LOGIN_RETRY_FIRST = 1.0
 LOGIN_RETRY_MAX = 60.0
@@ -277,6 +279,7 @@ class UplinkWorker:
         self._interfaces_polled_at = -INTERFACE_POLL_SECONDS
         self._mirrored_at: float | None = None
         self._rng = random.Random()
+        self._checkpointer: WalCheckpointer | None = None
         self._thread = threading.Thread(target=self._run, name="anisota-uplink", daemon=True)
 
     def start(self, store_ready: threading.Event, store: Callable[[], Store | None]) -> None:
@@ -351,7 +354,26 @@ class UplinkWorker:
                 waiter.set()
             if stopping:
                 break
+            self._checkpoint_wal()
         self._link.close()
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+
+    def _checkpoint_wal(self) -> None:
+        """Keep the store's write-ahead log short, here rather than in a recorder commit."""
+        from .store import WalCheckpointer
+
+        assert self._link is not None
+        path = self._link.store.path
+        if path is None:
+            return
+        if self._checkpointer is None:
+            self._checkpointer = WalCheckpointer()
+        try:
+            self._checkpointer.checkpoint(path)
+        except Exception as failure:  # the recorder finds out what the file does
+            logger.debug("WAL checkpoint skipped: %s", failure)
+            self._checkpointer.close()
 
     def _token_store(self) -> TokenStore:
         from .tokens import MemoryTokenStore, token_store_for
@@ -365,7 +387,7 @@ class UplinkWorker:
         """Until the next sync retry, login retry or network probe."""
         link = self._link
         assert link is not None
-        due = [3600.0]
+        due = [WAL_CHECKPOINT_SECONDS]
         retry = link.seconds_until_retry()
         if retry is not None:
             due.append(retry)

@@ -150,13 +150,13 @@ def test_a_queued_session_syncs_within_5_s_of_the_network_coming_back(
     tmp_path: Path, pds: PdsServer, account: Account, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     synced = threading.Event()
-    mark_synced = Store.mark_synced
+    mark_synced = Store.mark_synced_many
 
-    def spy(store: Store, rkey: str, uri: str, cid: str, at: float) -> None:
-        mark_synced(store, rkey, uri, cid, at)
+    def spy(store: Store, marks: list[tuple[str, str, str]], at: float) -> None:
+        mark_synced(store, marks, at)
         synced.set()
 
-    monkeypatch.setattr(Store, "mark_synced", spy)
+    monkeypatch.setattr(Store, "mark_synced_many", spy)
     with FaultProxy(pds.url) as proxy:
         agent = Agent("1.0", data_dir=tmp_path).start()
         offline = threading.Event()
