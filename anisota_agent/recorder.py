@@ -316,13 +316,12 @@ class Recorder:
     # -- the file ----------------------------------------------------------------
 
     def _open(self) -> None:
-        import psutil
-
+        from .recovery import process_started
         from .store import DB_FILENAME, Owner, Store
 
         settings = self._settings
         pid = os.getpid()
-        self._owner = Owner(pid, psutil.Process(pid).create_time(), settings.owner_token)
+        self._owner = Owner(pid, process_started(pid), settings.owner_token)
         if settings.in_memory:
             self.store = Store(None)
             self._status.update(store_path=None, store_mode="memory")

@@ -118,3 +118,22 @@ def test_session_older_than_max_age_expires_even_with_a_live_owner(
         assert agent.flush()
         agent.close()
     assert stored_record(tmp_path, running.rkey)["status"] == "expired"
+
+
+def test_a_process_start_reads_as_psutil_tells_it() -> None:
+    """The recorder's own reading (no psutil import) and psutil's agree, so an
+    owner recorded by one is recognised by the other."""
+    import psutil
+
+    from anisota_agent.recovery import process_started
+
+    for pid in (os.getpid(), os.getppid(), 1):
+        assert abs(process_started(pid) - psutil.Process(pid).create_time()) < 1e-6
+
+
+def test_a_process_that_is_gone_is_not_an_owner() -> None:
+    from anisota_agent.recovery import owner_alive
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert not owner_alive(child.pid, 0.0, "token")
