@@ -295,7 +295,7 @@ class Agent:
             recorder = Recorder(self, settings, self._status, uplink, wall_s, self._mono_s)
             self._uplink, self._recorder = uplink, recorder
             recorder.start()
-            uplink.start(recorder.ready, lambda: recorder.store)
+            uplink.start(recorder.ready, lambda: recorder.store, recorder.verify_file)
             atexit.register(self.close)
         return self
 

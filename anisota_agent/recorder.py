@@ -126,6 +126,9 @@ class Recorder:
         self._retry_delay = FILE_RETRY_FIRST
         self._prune_at = 0.0
         self._until_idle = 0.0
+        # Set by verify_file() on the uplink's thread, acted on in the next round.
+        self._file_failure: str | None = None
+        self._recover_again = False
         self._thread = threading.Thread(target=self._run, name="anisota-recorder", daemon=True)
 
     def start(self) -> None:
@@ -163,8 +166,7 @@ class Recorder:
         try:
             wrote_final = self._record(work)
             if first:
-                self._verify()
-                self._recover()  # after the check: salvaged crashed sessions expire too
+                self._recover()
             self._maintain(work.stopping)
         except Exception:  # a bug here must not kill recording for good
             logger.exception("recorder round failed")
@@ -339,17 +341,25 @@ class Recorder:
         self._status.update(store_mode="sqlite")
         self._report_salvage()
 
-    def _verify(self) -> None:
-        """The full integrity check of the file, once the first write has landed."""
+    def verify_file(self) -> None:
+        """The full integrity check of the file; called by the uplink, once, at start.
+
+        It reads the whole file (tens of ms), so it runs on the uplink's thread,
+        on a connection of its own, while the recorder goes on writing. Damage
+        found replaces the file in place (the store object stays the same); a
+        replacement that fails is handed to the recorder's next round.
+        """
         store = self.store
-        assert store is not None
-        if store.path is None:
+        if store is None or store.path is None:
             return
         try:
             if store.verify() is not None:
                 self._report_salvage()
+                self._prune_at = 0.0  # and expire the salvaged crashed sessions
+                self._recover_again = True
         except Exception as failure:  # as when replace_corrupt() fails a write
-            self._fall_back(f"the store failed its integrity check: {failure}")
+            self._file_failure = f"the store failed its integrity check: {failure}"
+        self.wake.set()
 
     def _report_salvage(self) -> None:
         assert self.store is not None
@@ -408,6 +418,12 @@ class Recorder:
 
     def _maintain(self, stopping: bool) -> None:
         """Notice a deleted file, retry a failed one, prune to the bounds."""
+        failure, self._file_failure = self._file_failure, None
+        if failure is not None and not self._degraded:
+            self._fall_back(failure)
+        if self._recover_again:
+            self._recover_again = False
+            self._recover()
         if self._degraded:
             if stopping or self._mono_s() >= self._retry_at:
                 self._write_back()

@@ -55,7 +55,7 @@ SALVAGE_STATES = tuple(state for state in OUTBOX_STATES if state != "synced")
 #: :attr:`Salvage.lost` when not even the number of sessions could be read.
 LOST_UNKNOWN = -1
 #: Rows :meth:`Store.prune` deletes at most per call, so one call stays short.
-PRUNE_MAX_ROWS = 2000
+PRUNE_MAX_ROWS = 200
 
 #: The sqlite-utils migration set of the store's schema (``_sqlite_migrations``).
 MIGRATION_SET = "anisota_agent"
@@ -226,6 +226,13 @@ class WalCheckpointer:
             if self._conn is not None:
                 self._conn.close()
             self._conn, self._path = None, None
+
+
+def _check_integrity(conn: sqlite3.Connection) -> None:
+    """``PRAGMA quick_check``; damage it reports is raised as "malformed" (corrupt)."""
+    (verdict,) = conn.execute("PRAGMA quick_check(1)").fetchone()
+    if verdict != "ok":
+        raise sqlite3.DatabaseError(f"database disk image is malformed: {verdict}")
 
 
 def pending_migrations(conn: sqlite3.Connection) -> list[str]:
@@ -510,7 +517,6 @@ class Store:
         store.salvage = store._take(recovered, aside)
         return store
 
-    @_locked
     def verify(self) -> Salvage | None:
         """Check the whole file (``PRAGMA quick_check``); replace it if it is damaged.
 
@@ -522,13 +528,20 @@ class Store:
         :class:`Salvage`; raises as it does when that fails. Any other error of
         the check (an I/O error) is raised.
 
-        Reads the whole file under the store's lock (110-150 ms at 100,000
-        sessions, 158 MB): run it once the first write has landed, not before.
+        Reads the whole file (70 ms at 13,000 sessions, 110-150 ms at 100,000),
+        on a connection of its own and without the store's lock: the recorder
+        goes on writing meanwhile (the uplink runs it, once, at start).
         """
-        if self.path is None:
+        path = self.path
+        if path is None:
             return None
         try:
-            self._check_integrity()
+            with _GATE.inside():
+                conn = sqlite3.connect(str(path), timeout=5.0, isolation_level=None)
+                try:
+                    _check_integrity(conn)
+                finally:
+                    conn.close()
         except sqlite3.DatabaseError as error:
             if not is_corrupt(error):
                 raise
@@ -537,10 +550,7 @@ class Store:
         return None
 
     def _check_integrity(self) -> None:
-        """``PRAGMA quick_check``; damage it reports is raised as "malformed" (corrupt)."""
-        (verdict,) = self.db.execute("PRAGMA quick_check(1)").fetchone()
-        if verdict != "ok":
-            raise sqlite3.DatabaseError(f"database disk image is malformed: {verdict}")
+        _check_integrity(self.db)
 
     @_locked
     def replace_corrupt(self) -> Salvage:

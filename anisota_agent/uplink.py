@@ -271,6 +271,7 @@ class UplinkWorker:
         self._live_record: tuple[str, str, dict[str, Any]] | None = None
         self._store_ready: threading.Event | None = None
         self._store: Callable[[], Store | None] = lambda: None
+        self._verify_store: Callable[[], None] = lambda: None
         self._link: Uplink | None = None
         # A login the network kept from the PDS, and when to try it again.
         self._login: AuthRequest | None = None
@@ -282,10 +283,20 @@ class UplinkWorker:
         self._checkpointer: WalCheckpointer | None = None
         self._thread = threading.Thread(target=self._run, name="anisota-uplink", daemon=True)
 
-    def start(self, store_ready: threading.Event, store: Callable[[], Store | None]) -> None:
-        """Start the thread; it begins once ``store_ready`` is set."""
+    def start(
+        self,
+        store_ready: threading.Event,
+        store: Callable[[], Store | None],
+        verify_store: Callable[[], None],
+    ) -> None:
+        """Start the thread; it begins once ``store_ready`` is set.
+
+        ``verify_store`` is the recorder's full check of the file, which the
+        uplink runs first thing, off the recorder's way.
+        """
         self._store_ready = store_ready
         self._store = store
+        self._verify_store = verify_store
         self._thread.start()
 
     def join(self, timeout: float | None) -> bool:
@@ -326,6 +337,7 @@ class UplinkWorker:
         store = self._store()
         if store is None:  # the recorder failed outright; it logged why
             return
+        self._verify_store()
         self._link = Uplink(
             store,
             self._token_store(),

@@ -350,7 +350,8 @@ def test_the_first_checkpoint_lands_before_the_damage_is_found_and_is_salvaged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A file damaged mid-way: the open does not wait for the full check, the recorder's
-    verify() after its first write finds the damage, and the session is salvaged."""
+    verify() (run by the uplink once the first write has landed) finds the damage,
+    and the session is salvaged."""
     from anisota_agent import Agent
 
     path = tmp_path / DB_FILENAME
@@ -380,7 +381,7 @@ def test_the_first_checkpoint_lands_before_the_damage_is_found_and_is_salvaged(
     monkeypatch.setattr(Store, "verify", watched)
     agent.start()
     try:
-        assert agent.flush(sync=False)
+        assert agent.flush()  # the uplink checks the file before its first round
         status = agent.status()
     finally:
         agent.close()
