@@ -37,6 +37,8 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar
 
+from .records import MAX_RELATED_SESSIONS
+
 logger = logging.getLogger("anisota_agent")
 
 DB_FILENAME = "agent.sqlite3"
@@ -864,13 +866,21 @@ class Store:
         return int(total)
 
     @_locked
-    def related_rkeys(self, local_day: str, did: str, exclude: str) -> list[str]:
-        """Record keys of the account's other sessions of the same local day, oldest first."""
+    def related_rkeys(
+        self, local_day: str, did: str, exclude: str, limit: int = MAX_RELATED_SESSIONS
+    ) -> list[str]:
+        """Record keys of the account's newest ``limit`` other sessions of the same
+        local day, oldest first.
+
+        Bounded on purpose: a record lists no more, and a day of thousands of
+        sessions must not make every write read them all.
+        """
         rows = self.db.execute(
-            "SELECT rkey FROM sessions WHERE local_day = ? AND did = ? AND rkey != ? ORDER BY rkey",
-            [local_day, did, exclude],
+            "SELECT rkey FROM sessions WHERE local_day = ? AND did = ? AND rkey != ?"
+            " ORDER BY rkey DESC LIMIT ?",
+            [local_day, did, exclude, limit],
         ).fetchall()
-        return [rkey for (rkey,) in rows]
+        return [rkey for (rkey,) in reversed(rows)]
 
     def _select(
         self, where: str, params: list[Any] | None = None, limit: int | None = None

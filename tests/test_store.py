@@ -726,3 +726,13 @@ def test_a_new_store_gets_exactly_the_schema_the_migrations_make(tmp_path: Path)
     finally:
         made.close()
         migrated.close()
+
+
+def test_related_sessions_are_the_newest_few_of_the_day_oldest_first(tmp_path: Path) -> None:
+    """A day of many sessions costs a write no more than the few a record lists."""
+    from anisota_agent.records import MAX_RELATED_SESSIONS
+
+    with store_at(tmp_path) as store:
+        rkeys = seed(store, DID, MAX_RELATED_SESSIONS + 25)
+        related = store.related_rkeys("2026-11-24", DID, exclude=rkeys[-1])
+    assert related == rkeys[-1 - MAX_RELATED_SESSIONS : -1]
