@@ -9,7 +9,7 @@ rounds on copies of it: one checkpoint of a new live session, its finalize,
 * ``within``: inside its bounds (prune finds nothing),
 * ``a_little_over``: a few records over ``max_bytes`` (each round prunes a row or two),
 * ``far_over``: 50+ MB over the default 20 MB bound (each round prunes ``max_rows``,
-  2,000 by default; once more with 500 for comparison).
+  ``PRUNE_MAX_ROWS``, 200, by default; once more with 500 for comparison).
 
 Also times the uplink's side of a round (``due_for_sync`` of a batch, marking
 one synced), opening the file (a cheap check only), the full check the recorder
