@@ -10,7 +10,7 @@ Embed it in a game::
     agent.close()
 
 Importing this package is cheap: the store, HTTP client and lexicon validator
-are imported by the agent's worker thread when it needs them.
+are imported by the agent's background threads when they need them.
 """
 
 from .agent import Agent, AgentStatus

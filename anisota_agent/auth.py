@@ -10,7 +10,7 @@ Two kinds of :class:`Credentials`:
   OAuth with DPoP) and hands the agent an :class:`httpx.Auth` that signs
   requests; the host owns refreshing it.
 
-Everything here runs on the agent's worker thread (or in the CLI): it blocks on
+Everything here runs on the agent's uplink thread (or in the CLI): it blocks on
 the network and the disk. No password or token is ever logged or put in an
 exception message or ``repr``.
 """

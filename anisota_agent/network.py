@@ -1,7 +1,7 @@
 """The network condition: ``online``, ``slow``, ``offline`` or ``unknown``.
 
 :class:`NetworkMonitor` turns cheap signals into one condition. It does no I/O
-itself: the worker feeds it interface readings (:func:`interfaces_up`) and probe
+itself: the uplink feeds it interface readings (:func:`interfaces_up`) and probe
 results, the response-timing hooks (:mod:`anisota_agent.timing`) feed it the
 outcome of every instrumented request, and time comes from an injected
 monotonic clock. Every ``observe_*`` call takes one small lock and does O(1)
@@ -13,7 +13,7 @@ Signals:
 - **requests**: ``ok`` (an answer), ``server_error`` (an HTTP answer that is a
   failure: the network works even if the server is sick) or ``network_error``
   (no answer at all: connect, DNS, TLS, timeout).
-- **probes**: a ``GET /xrpc/_health`` of the PDS the worker sends when in doubt,
+- **probes**: a ``GET /xrpc/_health`` of the PDS the uplink sends when in doubt,
   reported with its elapsed time, or None when it failed.
 
 Rules (defaults in brackets):
@@ -58,7 +58,7 @@ Probes (``probe_due``/``next_probe_at``) are only wanted in doubt:
 Transitions are queued as :class:`Transition` (time, old, new) for
 :meth:`NetworkMonitor.pop_transitions`, so the session can bank the exact time
 spent in each condition, and optionally reported to ``on_change``, e.g. to wake
-the worker so it syncs within seconds of coming back online.
+the uplink so it syncs within seconds of coming back online.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ DEFAULT_OFFLINE_AFTER = 3
 DEFAULT_PROBE_MIN_INTERVAL = 5.0
 DEFAULT_PROBE_MAX_INTERVAL = 300.0
 DEFAULT_STALE_AFTER = 300.0
-#: Transitions kept for :meth:`NetworkMonitor.pop_transitions`; a worker pops
+#: Transitions kept for :meth:`NetworkMonitor.pop_transitions`; the uplink pops
 #: them every few seconds, the cap only matters if it stopped doing so.
 MAX_PENDING_TRANSITIONS = 256
 
@@ -122,7 +122,7 @@ def interfaces_up() -> bool | None:
     has a carrier) and it has at least one IPv4/IPv6 address that is not a
     loopback one; ``lo`` and interfaces with only loopback addresses (``lo0``
     on macOS, Windows' loopback pseudo-interface) or no IP at all are ignored.
-    Costs about 0.1 ms; meant for the worker, every few seconds.
+    Costs about 0.1 ms; meant for the uplink, every few seconds.
     """
     try:
         import psutil  # here, not at the top: the package import stays light
@@ -176,7 +176,7 @@ class NetworkMonitor:
             ``online``/``slow`` condition is confirmed by a probe (None: never).
         on_change: called with each :class:`Transition` right after it happens,
             on the observing thread, outside the lock; it must be quick and not
-            raise (``worker.wake.set`` is ideal). Calls from different threads may
+            raise (``uplink.wake.set`` is ideal). Calls from different threads may
             arrive out of order: :meth:`pop_transitions` is the ordered record.
     """
 
@@ -311,7 +311,7 @@ class NetworkMonitor:
             return self._next_probe()
 
     def probe_due(self) -> bool:
-        """True when the worker should probe the PDS now."""
+        """True when the uplink should probe the PDS now."""
         with self._lock:
             due = self._next_probe()
             return due is not None and self._now() >= due

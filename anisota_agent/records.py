@@ -3,7 +3,7 @@
 Nothing here does I/O or reads a clock; every time is passed in. The agent keeps
 one :class:`SessionState` per live session (mutated under the agent's lock by the
 host's calls) and turns a copy of it into a lexicon record with
-:func:`build_record` on the worker thread.
+:func:`build_record` on the recorder thread.
 """
 
 from __future__ import annotations

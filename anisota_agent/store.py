@@ -504,7 +504,7 @@ class Store:
 
         Only a cheap check is done here: a file that is not a database, or whose
         schema cannot be read, is corrupt at once; damage elsewhere in the file
-        is found by :meth:`verify` (the recorder runs it after its first write) or
+        is found by :meth:`verify` (the uplink runs it at start, off the recorder's way) or
         by the first statement that reads it (then see :meth:`replace_corrupt`).
         """
         try:

@@ -1,6 +1,6 @@
 """A small synchronous XRPC client for the few atproto calls the agent makes.
 
-It runs on the agent's worker thread only. Every failure becomes an
+It runs on the agent's uplink thread only. Every failure becomes an
 :class:`XrpcError` subclass that tells the sync loop what to do next:
 
 - ``ambiguous`` errors (:class:`NetworkError`, :class:`ServerError`): a write may

@@ -211,7 +211,7 @@ def test_a_corrupt_file_is_salvaged_row_by_row_and_the_aside_left_untouched(
     store = Store.open(path)
     try:
         # The open checks only the header and the schema: the damage is found by
-        # verify(), which the recorder runs after its first write.
+        # verify(), which the uplink runs at start.
         assert store.salvage is None and not list(tmp_path.glob(f"{DB_FILENAME}.corrupt-*"))
         assert store.verify() == store.salvage
         salvage = store.salvage
