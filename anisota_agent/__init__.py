@@ -13,7 +13,8 @@ Importing this package is cheap: the store, HTTP client and lexicon validator
 are imported by the agent's background threads when they need them.
 """
 
-from .agent import Agent, AgentStatus
+from ._version import __version__
+from .agent import Agent
 from .clock import Clock, SystemClock
 from .lexicon import RecordValidationError, validate_record
 from .records import (
@@ -23,8 +24,7 @@ from .records import (
     HOST_END_REASONS,
     PLATFORMS,
 )
-
-__version__ = "0.1.0"
+from .status import AgentStatus
 
 __all__ = [
     "AUTHENTICATION_METHODS",

@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from .status import saved_status
+
 if TYPE_CHECKING:
     from .store import Store
     from .tokens import TokenStore
@@ -132,15 +134,15 @@ def _print_sync_status(store: Store, tokens: TokenStore, out: TextIO) -> None:
     account = "not logged in (or the game supplies its own auth)"
     if saved:
         account = f"{saved.get('handle')} ({saved.get('did')}) at {saved.get('pds_url')}"
-    meta = store.meta()
-    next_at = meta.get("sync.next_attempt_at")
+    saved_facts = saved_status(store.meta())
+    next_at = saved_facts["next_sync_at"]
     out.write(f"auth:     {account}\n")
-    if meta.get("sync.auth_problem"):
-        out.write(f"          problem: {meta['sync.auth_problem']}\n")
-    out.write(f"network:  {meta.get('network.condition', 'unknown')} (as the agent last saw it)\n")
-    out.write(f"synced:   last {_when(meta.get('sync.last_sync_at'))}\n")
+    if saved_facts["auth_problem"]:
+        out.write(f"          problem: {saved_facts['auth_problem']}\n")
+    out.write(f"network:  {saved_facts['network'] or 'unknown'} (as the agent last saw it)\n")
+    out.write(f"synced:   last {_when(saved_facts['last_sync_at'])}\n")
     out.write(f"next:     {_when(next_at) if next_at else 'when due'}\n")
-    out.write(f"error:    {meta.get('sync.last_error') or 'none'}\n")
+    out.write(f"error:    {saved_facts['sync_error'] or 'none'}\n")
 
 
 def _when(epoch: float | None) -> str:
@@ -349,7 +351,7 @@ def _flush(args: argparse.Namespace) -> int:
         f"synced {status.synced}, quarantined {status.quarantined}, left {left}"
         f" ({status.requests} requests, {status.points_spent} rate-limit points)"
     )
-    problem = status.auth_problem or status.last_error
+    problem = status.auth_problem or status.sync_error
     if problem:
         print(f"anisota-agent: {problem}", file=sys.stderr)
     return EXIT_OK if left == 0 else EXIT_FAILURE

@@ -6,7 +6,8 @@ import random
 import threading
 from pathlib import Path
 
-from .agent import Agent, AgentStatus
+from .agent import Agent
+from .status import AgentStatus
 
 #: (route, feature, action) steps of the simulated game, played in order.
 _SCRIPT = (

@@ -80,8 +80,9 @@ __all__ = [
     "interfaces_up",
 ]
 
-#: The conditions a monitor reports (the lexicon's ``networkCondition`` values).
-CONDITIONS = ("online", "offline", "slow", "unknown")
+#: The conditions a monitor reports (the lexicon's ``networkCondition`` values),
+#: best to worst: a record's tie in time held goes to the worse one.
+CONDITIONS = ("online", "unknown", "slow", "offline")
 #: What a measured request can end as; see the module docstring.
 OUTCOMES = ("ok", "server_error", "network_error")
 _OUTCOMES = frozenset(OUTCOMES)

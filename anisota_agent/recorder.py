@@ -21,14 +21,15 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from .records import SessionState, build_record
 
 if TYPE_CHECKING:
-    from .settings import BackgroundSettings
-    from .status import BackgroundStatus
+    from .clock import Clock
+    from .sessions import Collected
+    from .settings import Settings
+    from .status import StatusBoard
     from .store import Owner, Store
     from .uplink import UplinkWorker
 
@@ -48,15 +49,11 @@ FILE_RETRY_MAX = 60.0
 class Work(NamedTuple):
     """What the agent hands the recorder in one round."""
 
-    live: SessionState | None
-    finished: list[SessionState]
-    #: (login tag, did): sessions recorded under that login belong to ``did``.
-    attributions: list[tuple[str, str]]
-    dropped: dict[str, int]
+    #: What the session book collected.
+    sessions: Collected
     #: flush() callers to answer after the uplink's next round, and after this one.
     waiters: list[threading.Event]
     recorded: list[threading.Event]
-    now_mono_ns: int
     stopping: bool
     purge: bool
     #: Wall-clock seconds by which a closing agent's last sync must end.
@@ -101,18 +98,18 @@ class Recorder:
     def __init__(
         self,
         agent: AgentSide,
-        settings: BackgroundSettings,
-        status: BackgroundStatus,
+        settings: Settings,
+        status: StatusBoard,
+        clock: Clock,
+        owner_token: str,
         uplink: UplinkWorker,
-        wall_s: Callable[[], float],
-        mono_s: Callable[[], float],
     ) -> None:
         self._agent = agent
         self._settings = settings
         self._status = status
+        self._clock = clock
+        self._owner_token = owner_token
         self._uplink = uplink
-        self._wall_s = wall_s
-        self._mono_s = mono_s
         self.wake = threading.Event()
         #: Set once :attr:`store` exists (the uplink waits for it).
         self.ready = threading.Event()
@@ -130,6 +127,12 @@ class Recorder:
         self._file_failure: str | None = None
         self._recover_again = False
         self._thread = threading.Thread(target=self._run, name="anisota-recorder", daemon=True)
+
+    def _wall_s(self) -> float:
+        return self._clock.wall_ns() / 1e9
+
+    def _mono_s(self) -> float:
+        return self._clock.monotonic_ns() / 1e9
 
     def start(self) -> None:
         """Start the recorder thread."""
@@ -192,19 +195,18 @@ class Recorder:
         # to a bug or an error later in the round.
         if work.purge:
             self._held.clear()
-        self._held.extend(work.finished)
+        self._held.extend(work.sessions.finished)
         store = self.store
         assert store is not None
         if work.purge:
             logger.info("purged %d session(s) and all counters", store.purge())
-        if work.dropped:
-            self._count(work.dropped)
-        for tag, did in work.attributions:
+        if work.sessions.dropped:
+            self._count(work.sessions.dropped)
+        for tag, did in work.sessions.attributions:
             for state in self._held:
-                if state.did is None and state.awaiting_login == tag:
-                    state.did = did
+                state.attribute(tag, did)
             self._attribute(tag, did)
-        wrote_final = self._write_round(work.live, work.now_mono_ns)
+        wrote_final = self._write_round(work.sessions.live, work.sessions.now_mono_ns)
         self._refresh_outbox()
         return wrote_final
 
@@ -323,7 +325,7 @@ class Recorder:
 
         settings = self._settings
         pid = os.getpid()
-        self._owner = Owner(pid, process_started(pid), settings.owner_token)
+        self._owner = Owner(pid, process_started(pid), self._owner_token)
         if settings.in_memory:
             self.store = Store(None)
             self._status.update(store_path=None, store_mode="memory")
@@ -490,7 +492,9 @@ class Recorder:
 
         assert self.store is not None
         now_ms = int(self._wall_s() * 1000)
-        recovered = expire_dead_sessions(self.store, now_ms, self._settings.max_session_age_ms)
+        recovered = expire_dead_sessions(
+            self.store, now_ms, int(self._settings.max_session_age * 1000)
+        )
         self._status.update(recovered=recovered)
         if recovered:
             self._uplink.after_round([], True, False)
@@ -499,7 +503,7 @@ class Recorder:
         assert self.store is not None
         settings = self._settings
         dropped, more = self.store.prune(
-            settings.max_store_bytes, settings.retention_s, self._wall_s()
+            settings.max_store_bytes, settings.retention_days * 86400, self._wall_s()
         )
         self._prune_at = self._mono_s() + (PRUNE_AGAIN_SECONDS if more else PRUNE_SECONDS)
         if dropped:

@@ -8,11 +8,13 @@ host's calls) and turns a copy of it into a lexicon record with
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from .clock import format_datetime, parse_datetime
 from .lexicon import SESSION_NSID
+from .network import CONDITIONS
 
 # Allowed values, in the lexicon's own spelling.
 PLATFORMS = ("web", "mobile", "desktop", "pwa")
@@ -28,8 +30,6 @@ GAME_ACTIONS = (
 )
 #: Reasons the host may give when it ends a session itself.
 HOST_END_REASONS = ("logout", "user_initiated", "app_close", "device_switch")
-#: Network conditions from best to worst; a tie in time held goes to the worse one.
-NETWORK_CONDITIONS = ("online", "unknown", "slow", "offline")
 
 # Bounds that keep the worst-case record near 14 KB (the PDS refuses bodies over
 # 1 MB; a session record should stay a few KB). Strings over a size limit are
@@ -40,107 +40,12 @@ MAX_ROUTE_LEN = 128
 MAX_PAGES = 32
 MAX_FEATURE_LEN = 48
 MAX_FEATURES = 32
-MAX_URI_LEN = 200
 MAX_LINKED_URIS = 16
 MAX_RELATED_SESSIONS = 16
 MAX_COUNT_PER_CALL = 1_000_000
 MAX_RESPONSE_MS = 3_600_000
 MAX_XP = 2**53 - 1
 MAX_LEVEL = 1_000_000
-
-
-def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
-    """Return ``value`` if it is one of ``allowed``, else raise naming the field."""
-    if value in allowed and type(value) is str:
-        return value
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a str, one of {', '.join(allowed)}; got {value!r}")
-    raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-
-
-def check_text(name: str, value: object, max_len: int) -> str:
-    """Return a non-empty ``str`` of at most ``max_len`` characters, else raise."""
-    if type(value) is not str:
-        raise TypeError(f"{name} must be a str; got {type(value).__name__}")
-    if not value or len(value) > max_len:
-        raise ValueError(f"{name} must be 1 to {max_len} characters; got {len(value)}")
-    return value
-
-
-def check_int(name: str, value: object, minimum: int, maximum: int) -> int:
-    """Return an ``int`` (not a bool) within ``[minimum, maximum]``, else raise."""
-    if type(value) is not int:
-        raise TypeError(f"{name} must be an int; got {type(value).__name__}")
-    if not minimum <= value <= maximum:
-        raise ValueError(f"{name} must be between {minimum} and {maximum}; got {value}")
-    return value
-
-
-def check_seconds(name: str, value: object, minimum: float, maximum: float) -> float:
-    """Return a duration in seconds within ``[minimum, maximum]``, else raise."""
-    if type(value) not in (int, float):
-        raise TypeError(f"{name} must be a number of seconds; got {type(value).__name__}")
-    seconds = float(value)  # type: ignore[arg-type]
-    if not minimum <= seconds <= maximum:
-        raise ValueError(f"{name} must be between {minimum:g} and {maximum:g} s; got {value!r}")
-    return seconds
-
-
-def check_at_uri(name: str, value: object) -> str:
-    """Return an ``at://`` uri of at most :data:`MAX_URI_LEN` characters, else raise."""
-    uri = check_text(name, value, MAX_URI_LEN)
-    if not uri.startswith("at://") or len(uri) < 6:
-        raise ValueError(f"{name} must be an at:// uri; got {uri!r}")
-    return uri
-
-
-def check_did(name: str, value: object) -> str:
-    """Return a DID (``did:<method>:<id>``), else raise naming the field."""
-    did = check_text(name, value, 2048)
-    method, _, rest = did.removeprefix("did:").partition(":")
-    if not did.startswith("did:") or not method.isalnum() or not method.islower() or not rest:
-        raise ValueError(f"{name} must be a DID like did:plc:… or did:web:…; got {did!r}")
-    return did
-
-
-def is_loopback_host(host: str) -> bool:
-    """True for ``localhost``, 127.0.0.0/8 and ``::1``."""
-    import ipaddress  # only when a PDS URL is given
-
-    host = host.strip("[]").lower()
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_pds_url(url: object) -> str:
-    """Validate a PDS base URL and return it without a trailing slash.
-
-    Only ``https`` is accepted, except ``http`` to a loopback host (a local dev
-    PDS): tokens must never cross a network in clear text.
-
-    Raises:
-        TypeError: not a str.
-        ValueError: another scheme, plain http to a remote host, a URL with
-            credentials, a query or a fragment.
-    """
-    from urllib.parse import urlsplit
-
-    if not isinstance(url, str):
-        raise TypeError(f"pds_url must be a str, not {type(url).__name__}")
-    parts = urlsplit(url.strip())
-    if parts.scheme not in ("https", "http") or not parts.hostname:
-        raise ValueError(f"pds_url must be https://host; got {url!r}")
-    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
-        raise ValueError(
-            f"pds_url: refusing plain http to a non-loopback PDS ({parts.hostname}): use https"
-        )
-    if parts.username or parts.password or parts.query or parts.fragment:
-        raise ValueError("pds_url must not carry credentials, a query or a fragment")
-    return url.strip().rstrip("/")
 
 
 def clean_referrer(referrer: str, keep_query: bool) -> str:
@@ -273,6 +178,11 @@ class SessionState:
         if not ok:
             self.error_count += 1
 
+    def attribute(self, tag: str, did: str) -> None:
+        """Give the session to ``did`` if it was recorded under the login tagged ``tag``."""
+        if self.did is None and self.awaiting_login == tag:
+            self.did = did
+
     def finish(self, status: str, reason: str, mono_ns: int) -> None:
         """Mark the session ended at ``mono_ns`` (never before its start)."""
         self.status = status
@@ -296,7 +206,7 @@ def dominant_condition(state: SessionState, until_mono_ns: int) -> str:
     current = max(0, until_mono_ns - state.condition_since_mono_ns)
     held[state.condition] = held.get(state.condition, 0) + current
     # Iterating worst-first makes max() keep the worse of equal durations.
-    return max(reversed(NETWORK_CONDITIONS), key=lambda name: held.get(name, 0))
+    return max(reversed(CONDITIONS), key=lambda name: held.get(name, 0))
 
 
 def round_half_up(value: float) -> int:
@@ -400,6 +310,14 @@ def expire_record(record: dict[str, Any], now_wall_ms: int) -> dict[str, Any]:
         updatedAt=format_datetime(max(now_wall_ms, last_ms)),
     )
     return expired
+
+
+def to_json(value: Any) -> str:
+    """The one JSON text of a record or a request body: compact, UTF-8, no NaN.
+
+    Raises ``ValueError`` for NaN or infinity, which no record may hold.
+    """
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
 def at_uri(did: str, rkey: str) -> str:

@@ -1,28 +1,110 @@
-"""The agent's settings that its background threads need, checked once by ``Agent``."""
+"""The agent's settings: checked once, in seconds, and read by every part that needs them."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+import os
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from .checks import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_optional_bool,
+    check_path,
+    check_seconds,
+    check_text,
+)
+from .records import MAX_CLIENT_VERSION_LEN, PLATFORMS
 
 if TYPE_CHECKING:
     from pathlib import Path  # pathlib costs the game ~7 ms to import: the threads pay it
 
-__all__ = ["BackgroundSettings"]
+__all__ = ["Settings", "tracking_disabled_by_env"]
+
+_DAY = 24 * 3600.0
 
 
-class BackgroundSettings(NamedTuple):
-    """Settings of the recorder and the uplink (times in seconds)."""
+def tracking_disabled_by_env() -> bool:
+    """True when the environment asks not to be tracked (``DO_NOT_TRACK=1``)."""
+    return os.environ.get("DO_NOT_TRACK", "").strip().lower() in ("1", "true", "yes")
 
+
+class Settings(NamedTuple):
+    """Every setting of one agent, checked; durations in seconds.
+
+    Built by :meth:`checked` from :class:`~anisota_agent.Agent`'s arguments (see
+    there for what each means and its bounds).
+    """
+
+    client_version: str
+    platform: str
+    enabled: bool
     data_dir: str | None
     in_memory: bool
-    owner_token: str
     checkpoint_interval: float
-    max_session_age_ms: int
-    reserve_points: int
+    inactivity_timeout: float
+    continuation_window: float
+    max_session_age: float
+    write_reserve: int
     mirror_interval: float | None
+    slow_threshold_ms: float
     max_store_bytes: int
-    retention_s: float
+    retention_days: float
     keyring: bool | None
+    #: The ``httpx`` transport every request to the PDS goes through (None: httpx's own).
+    transport: Any = None
+
+    @classmethod
+    def checked(
+        cls,
+        *,
+        client_version: object,
+        platform: object,
+        enabled: object,
+        data_dir: object,
+        in_memory: object,
+        checkpoint_interval: object,
+        inactivity_timeout: object,
+        continuation_window: object,
+        max_session_age: object,
+        write_reserve: object,
+        mirror_interval: object,
+        slow_threshold_ms: object,
+        max_store_bytes: object,
+        retention_days: object,
+        keyring: object,
+        transport: object = None,
+    ) -> Settings:
+        """Check every value, naming the field of the first one out of bounds."""
+        if transport is not None and not callable(getattr(transport, "handle_request", None)):
+            raise TypeError(
+                f"transport must be an httpx.BaseTransport; got {type(transport).__name__}"
+            )
+        in_memory = check_bool("in_memory", in_memory)
+        if data_dir is not None:
+            data_dir = check_path("data_dir", data_dir)
+        return cls(
+            client_version=check_text("client_version", client_version, MAX_CLIENT_VERSION_LEN),
+            platform=check_choice("platform", platform, PLATFORMS),
+            enabled=check_bool("enabled", enabled) and not tracking_disabled_by_env(),
+            data_dir=None if in_memory else data_dir,
+            in_memory=in_memory,
+            checkpoint_interval=check_seconds(
+                "checkpoint_interval", checkpoint_interval, 0.01, 3600
+            ),
+            inactivity_timeout=check_seconds("inactivity_timeout", inactivity_timeout, 60, _DAY),
+            continuation_window=check_seconds("continuation_window", continuation_window, 0, _DAY),
+            max_session_age=check_seconds("max_session_age", max_session_age, 60, 7 * _DAY),
+            write_reserve=check_int("write_reserve", write_reserve, 0, 1_000_000),
+            mirror_interval=None
+            if mirror_interval is None
+            else check_seconds("mirror_interval", mirror_interval, 60, _DAY),
+            slow_threshold_ms=check_seconds("slow_threshold_ms", slow_threshold_ms, 1, 600_000),
+            max_store_bytes=check_int("max_store_bytes", max_store_bytes, 100_000, 2**40),
+            retention_days=check_seconds("retention_days", retention_days, 1, 3650),
+            keyring=check_optional_bool("keyring", keyring),
+            transport=transport,
+        )
 
     def store_dir(self) -> Path | None:
         """The directory of the store and the saved login; None when in memory."""

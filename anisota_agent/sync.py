@@ -25,7 +25,6 @@ Runs on the agent's uplink thread (or in ``anisota-agent flush``). Strategy:
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
@@ -36,6 +35,8 @@ from typing import Any
 
 from .auth import Credentials
 from .lexicon import SESSION_NSID
+from .records import to_json
+from .status import STATUS_META_PREFIX, SYNC_FACTS
 from .store import Store, StoredSession
 from .xrpc import (
     MAX_APPLY_WRITES,
@@ -76,17 +77,25 @@ Request = Callable[[float], dict[str, Any]]
 
 @dataclass
 class SyncStatus:
-    """What the engine knows; shown by ``status`` and saved for the CLI."""
+    """What the engine knows, under the names of :class:`~anisota_agent.AgentStatus`.
+
+    The first four are facts of ``status()`` (see :meth:`facts`), also saved
+    in the store for the CLI; the rest describe the engine's passes so far.
+    """
 
     auth_problem: str | None = None
     last_sync_at: float | None = None
-    last_error: str | None = None
-    next_attempt_at: float | None = None
+    sync_error: str | None = None
+    next_sync_at: float | None = None
     synced: int = 0
     quarantined: int = 0
     requests: int = 0
     points_spent: int = 0
     budget: RateLimit | None = None
+
+    def facts(self) -> dict[str, Any]:
+        """The facts of ``status()`` this engine owns, by their ``AgentStatus`` names."""
+        return {name: getattr(self, name) for name in SYNC_FACTS}
 
 
 @dataclass
@@ -137,14 +146,14 @@ class SyncEngine:
         """Whether a round could do anything now (not stopped, not backing off)."""
         if self.status.auth_problem is not None:
             return False
-        next_at = self.status.next_attempt_at
+        next_at = self.status.next_sync_at
         return next_at is None or next_at <= self._now()
 
     def retry_now(self) -> None:
         """Drop a network backoff (the network just came back); a budget wait stays."""
         if self._failures:
             self._failures = 0
-            self.status.next_attempt_at = None
+            self.status.next_sync_at = None
             self.store.clear_backoff(self.did)
 
     def sync(
@@ -165,10 +174,10 @@ class SyncEngine:
         self._deadline = deadline
         self._interrupted = interrupted
         if self.due():
-            # The wait is over: a past next_attempt_at left in the status made
+            # The wait is over: a past next_sync_at left in the status made
             # Uplink.seconds_until_retry() answer 0 for good, and the uplink,
             # which sleeps that long at most, spin without pause.
-            self.status.next_attempt_at = None
+            self.status.next_sync_at = None
         try:
             while self.due() and (deadline is None or self._now() < deadline):
                 rows = self.store.due_for_sync(self.did, self._now(), limit=MAX_BATCH * 5)
@@ -194,7 +203,7 @@ class SyncEngine:
             self._ensure_budget(PUT_POINTS)
             self._call(self._put_record(rkey, record), write=True)
         except (SyncStopped, InvalidRequest, PayloadTooLarge) as failure:
-            reason = self.status.last_error or failure
+            reason = self.status.sync_error or failure
             logger.warning("mirroring session %s failed: %s", rkey, reason)
             return False
         self.status.points_spent += PUT_POINTS
@@ -393,8 +402,8 @@ class SyncEngine:
         if budget is None or budget.reset_at <= self._now():
             return
         if budget.remaining - points < self._reserve:
-            self.status.next_attempt_at = budget.reset_at
-            self.status.last_error = (
+            self.status.next_sync_at = budget.reset_at
+            self.status.sync_error = (
                 f"write budget reserve reached ({budget.remaining} of {budget.limit} points"
                 f" left, {self._reserve} kept for the game)"
             )
@@ -439,7 +448,7 @@ class SyncEngine:
         except RateLimited as limited:
             self._note_budget(write)
             self._defer(rkeys, limited, in_flight=False)
-            self.status.next_attempt_at = limited.retry_at
+            self.status.next_sync_at = limited.retry_at
             raise SyncStopped from limited
         except (ExpiredToken, InvalidToken, AccountUnavailable, Forbidden) as denied:
             self._defer(rkeys, denied, in_flight=False)
@@ -450,7 +459,7 @@ class SyncEngine:
             raise self._stop_round(str(failure), rkeys, failure) from failure
         self._note_budget(write)
         self._failures = 0
-        self.status.last_error = None
+        self.status.sync_error = None
         return answer
 
     def _read_refused(self, refused: XrpcError) -> SyncStopped:
@@ -479,8 +488,8 @@ class SyncEngine:
         self._failures += 1
         delay = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (self._failures - 1))
         delay *= self._rng.uniform(0.5, 1.5)
-        self.status.next_attempt_at = self._now() + delay
-        self.status.last_error = reason
+        self.status.next_sync_at = self._now() + delay
+        self.status.sync_error = reason
         ambiguous = failure is None or failure.ambiguous
         if rkeys:
             self.store.retry_later(list(rkeys), reason, self._now() + delay, in_flight=ambiguous)
@@ -488,9 +497,9 @@ class SyncEngine:
         return SyncStopped()
 
     def _defer(self, rkeys: Sequence[str], failure: XrpcError, in_flight: bool) -> None:
-        self.status.last_error = f"{type(failure).__name__}: {failure}"
+        self.status.sync_error = f"{type(failure).__name__}: {failure}"
         if rkeys:
-            self.store.retry_later(list(rkeys), self.status.last_error, 0.0, in_flight)
+            self.store.retry_later(list(rkeys), self.status.sync_error, 0.0, in_flight)
 
     def _note_budget(self, write: bool) -> None:
         if write:
@@ -512,16 +521,8 @@ class SyncEngine:
         status = self.status
         budget = asdict(status.budget) if status.budget is not None else None
         try:
-            self.store.set_meta(
-                {
-                    "sync.did": self.did,
-                    "sync.last_sync_at": status.last_sync_at,
-                    "sync.last_error": status.last_error,
-                    "sync.next_attempt_at": status.next_attempt_at,
-                    "sync.auth_problem": status.auth_problem,
-                    f"sync.budget.{self.did}": budget,
-                }
-            )
+            facts = {f"{STATUS_META_PREFIX}{name}": value for name, value in status.facts().items()}
+            self.store.set_meta(facts | {f"sync.budget.{self.did}": budget})
         except Exception as failure:  # the CLI's view is not worth a lost round
             logger.error("cannot save the sync status: %s", failure)
 
@@ -540,8 +541,7 @@ def _reporter(
 
 def _write_bytes(row: StoredSession) -> int:
     """About what one ``#create`` of this session adds to an applyWrites body."""
-    value = json.dumps(row.record, ensure_ascii=False, separators=(",", ":"))
-    return len(value.encode()) + WRITE_ENVELOPE_BYTES
+    return len(to_json(row.record).encode()) + WRITE_ENVELOPE_BYTES
 
 
 _WRITE_INDEX = re.compile(r"\$\.writes\[(\d+)\]")

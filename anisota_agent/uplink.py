@@ -16,15 +16,17 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
+from .checks import is_loopback_host
 from .network import NetworkMonitor, interfaces_up
-from .records import is_loopback_host
+from .status import BACKGROUND_FACTS, STATUS_META_PREFIX, SYNC_FACTS
 
 if TYPE_CHECKING:
     import httpx
 
     from .auth import Credentials
-    from .settings import BackgroundSettings
-    from .status import BackgroundStatus
+    from .clock import Clock
+    from .settings import Settings
+    from .status import StatusBoard
     from .store import Store, WalCheckpointer
     from .sync import SyncEngine, SyncStatus
     from .tokens import TokenStore
@@ -81,6 +83,8 @@ class AccountSide(Protocol):
 
     def _account_found(self, tag: str, did: str | None) -> None: ...
 
+    def _wake(self) -> None: ...
+
 
 class Uplink:
     """The link to the player's PDS: the account, its client and sync engine.
@@ -99,6 +103,7 @@ class Uplink:
         on_response: OnResponse | None = None,
         reserve_points: int = 1000,
         now: Callable[[], float] = time.time,
+        transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.store = store
         self.token_store = token_store
@@ -109,6 +114,7 @@ class Uplink:
         self._on_response = on_response
         self._reserve = reserve_points
         self._now = now
+        self._transport = transport
 
     @property
     def did(self) -> str | None:
@@ -201,7 +207,7 @@ class Uplink:
         """Seconds until a backed-off or budget-limited sync may run again."""
         if self.engine is None or self.engine.status.auth_problem is not None:
             return None
-        next_at = self.engine.status.next_attempt_at
+        next_at = self.engine.status.next_sync_at
         now = self._now()
         # A time already past is nothing to wait for (0 here would be a busy loop
         # in the worker while nothing is due, e.g. after the queue was pruned).
@@ -250,18 +256,16 @@ class UplinkWorker:
     def __init__(
         self,
         agent: AccountSide,
-        settings: BackgroundSettings,
-        status: BackgroundStatus,
+        settings: Settings,
+        status: StatusBoard,
+        clock: Clock,
         network: NetworkMonitor,
-        wall_s: Callable[[], float],
-        mono_s: Callable[[], float],
     ) -> None:
         self._agent = agent
         self._settings = settings
         self._status = status
+        self._clock = clock
         self._network = network
-        self._wall_s = wall_s
-        self._mono_s = mono_s
         self.wake = threading.Event()
         self._lock = threading.Lock()
         # Handed over by the recorder, under self._lock.
@@ -282,6 +286,12 @@ class UplinkWorker:
         self._rng = random.Random()
         self._checkpointer: WalCheckpointer | None = None
         self._thread = threading.Thread(target=self._run, name="anisota-uplink", daemon=True)
+
+    def _wall_s(self) -> float:
+        return self._clock.wall_ns() / 1e9
+
+    def _mono_s(self) -> float:
+        return self._clock.monotonic_ns() / 1e9
 
     def start(
         self,
@@ -342,8 +352,9 @@ class UplinkWorker:
             store,
             self._token_store(),
             on_response=self._network.observe_request,
-            reserve_points=self._settings.reserve_points,
+            reserve_points=self._settings.write_reserve,
             now=self._wall_s,
+            transport=self._settings.transport,
         )
         first = True
         while True:
@@ -482,13 +493,14 @@ class UplinkWorker:
         link = self._link
         assert link is not None
         engine = link.engine
-        status = engine.status if engine is not None else None
+        facts = (
+            engine.status.facts()
+            if engine is not None
+            else {name: BACKGROUND_FACTS[name] for name in SYNC_FACTS}
+        )
+        facts["auth_problem"] = facts["auth_problem"] or link.problem
         self._status.update(
-            account=link.credentials.describe() if link.credentials else None,
-            auth_problem=(status.auth_problem if status else None) or link.problem,
-            last_sync_at=status.last_sync_at if status else None,
-            next_sync_at=status.next_attempt_at if status else None,
-            sync_error=status.last_error if status else None,
+            **facts, account=link.credentials.describe() if link.credentials else None
         )
 
     def _interrupted(self) -> bool:
@@ -521,7 +533,7 @@ class UplinkWorker:
         transitions = self._network.pop_transitions()
         if not transitions:
             return
-        link.store.set_meta({"network.condition": transitions[-1].new})
+        link.store.set_meta({f"{STATUS_META_PREFIX}network": transitions[-1].new})
         if any(change.reconnected for change in transitions):
             if engine is not None:
                 engine.retry_now()  # back online: do not wait out the old backoff

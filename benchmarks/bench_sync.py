@@ -98,7 +98,7 @@ def drain_benchmark(sessions: int = 1000, *, rate_limits: bool = True) -> dict[s
         "records_on_pds": len(remote_rkeys),
         "duplicates": len(remote_rkeys) - len(unique),
         "missing": len(set(rkeys) - unique),
-        "last_error": status.last_error,
+        "last_error": status.sync_error,
     }
     result["target_met"] = (
         result["wall_seconds"] <= TARGET_SECONDS

@@ -16,13 +16,13 @@ import httpx
 
 from anisota_agent.clock import TidGenerator
 from anisota_agent.lexicon import validate_record
+from anisota_agent.checks import MAX_URI_LEN
 from anisota_agent.records import (
     MAX_FEATURE_LEN,
     MAX_FEATURES,
     MAX_LINKED_URIS,
     MAX_PAGES,
     MAX_ROUTE_LEN,
-    MAX_URI_LEN,
     SessionContext,
     SessionState,
     build_record,

@@ -11,6 +11,7 @@ from freezegun import freeze_time
 from anisota_agent import Agent, SystemClock
 from anisota_agent.clock import is_valid_tid
 from anisota_agent.lexicon import validate_record
+from anisota_agent.checks import MAX_URI_LEN
 from anisota_agent.records import (
     MAX_FEATURE_LEN,
     MAX_FEATURES,
@@ -18,7 +19,6 @@ from anisota_agent.records import (
     MAX_PAGES,
     MAX_RELATED_SESSIONS,
     MAX_ROUTE_LEN,
-    MAX_URI_LEN,
     SessionContext,
     SessionState,
     build_record,
@@ -110,10 +110,11 @@ def test_full_session_record_field_by_field(tmp_path: Path) -> None:
 
 
 def test_referrer_query_kept_when_host_opts_in(tmp_path: Path) -> None:
-    agent = Agent("1.0", in_memory=True)
-    agent.start_session(referrer="https://example.com/a?b=1#c", keep_referrer_query=True)
-    assert agent._session is not None
-    assert agent._session.context.referrer == "https://example.com/a?b=1#c"
+    with Agent("1.0", data_dir=tmp_path) as agent:
+        rkey = agent.start_session(referrer="https://example.com/a?b=1#c", keep_referrer_query=True)
+        assert rkey is not None and agent.flush(sync=False)
+    referrer = stored_record(tmp_path, rkey)["sessionContext"]["referrer"]
+    assert referrer == "https://example.com/a?b=1#c"
 
 
 def test_wall_clock_step_back_keeps_duration_and_order(tmp_path: Path) -> None:

@@ -362,7 +362,7 @@ def test_sigkill_mid_flush_then_a_fresh_engine_leaves_each_session_once(
 
     engine, _ = connect(pds.url, account)
     status = engine.sync()
-    assert status.synced == 600 - len(synced) and status.last_error is None
+    assert status.synced == 600 - len(synced) and status.sync_error is None
     assert_exactly_once(pds, account, store, rkeys)
     assert all(exchange.status == 200 for exchange in recorder.log)  # no 500 on a re-create
     if in_flight:  # it looked before writing again
@@ -393,8 +393,8 @@ def test_lost_answer_to_a_committed_batch_is_looked_up_not_written_again(
     status = engine.sync()
     first = min(count, FIRST_BATCH)
     assert proxy.responses_dropped(xrpc(APPLY)) == 1
-    assert status.synced == 0 and status.last_error and status.auth_problem is None
-    assert status.next_attempt_at is not None and status.next_attempt_at > clock()
+    assert status.synced == 0 and status.sync_error and status.auth_problem is None
+    assert status.next_sync_at is not None and status.next_sync_at > clock()
     assert len(pds.list_records(account)) == first  # committed, though unanswered
     assert sum(row.in_flight for row in rows(store).values()) == first
 
@@ -403,9 +403,9 @@ def test_lost_answer_to_a_committed_batch_is_looked_up_not_written_again(
     engine.sync()
     assert proxy.requests_seen() == seen
 
-    clock.move_to(status.next_attempt_at + 0.001)
+    clock.move_to(status.next_sync_at + 0.001)
     status = engine.sync()
-    assert status.synced == count and status.last_error is None and status.next_attempt_at is None
+    assert status.synced == count and status.sync_error is None and status.next_sync_at is None
     assert_exactly_once(pds, account, store, rkeys)
     assert all(e.status == 200 for e in recorder.log if e.status is not None)  # no 500 wedge
     second_round = recorder.nsids()[1:]  # after the dropped applyWrites
@@ -431,11 +431,11 @@ def test_ambiguous_failure_without_a_commit_is_looked_up_then_created(
         xrpc(APPLY), 502, json_body={"error": "BadGateway", "message": "upstream hiccup"}
     )
     status = engine.sync()
-    assert status.synced == 0 and status.next_attempt_at is not None
+    assert status.synced == 0 and status.next_sync_at is not None
     assert pds.list_records(account) == []
     assert all(row.in_flight for row in rows(store).values())
 
-    clock.move_to(status.next_attempt_at + 0.001)
+    clock.move_to(status.next_sync_at + 0.001)
     assert engine.sync().synced == 3
     assert_exactly_once(pds, account, store, rkeys)
     assert proxy.requests_seen(xrpc(GET)) == 3  # looked: RecordNotFound for each
@@ -465,7 +465,7 @@ def test_access_token_expiring_mid_flush_is_refreshed_once_and_the_flush_complet
 
     status = engine.sync(progress=expire_after_first_batch)
     assert calls == [FIRST_BATCH, FIRST_BATCH + MAX_BATCH, 250]
-    assert status.auth_problem is None and status.last_error is None and status.synced == 250
+    assert status.auth_problem is None and status.sync_error is None and status.synced == 250
     assert proxy.requests_seen(xrpc(REFRESH)) == 1
     assert proxy.requests_seen(xrpc(APPLY)) == 3 + 1  # the refused one, sent again
     assert [e.status for e in recorder.log if e.nsid == APPLY] == [200, 400, 200, 200]
@@ -487,7 +487,7 @@ def test_revoked_refresh_token_stops_syncing_with_an_auth_problem_and_no_retries
     assert status.auth_problem is not None
     assert "ExpiredToken" in status.auth_problem and "revoked" in status.auth_problem
     assert status.synced == 0 and credentials.revoked
-    assert store.meta()["sync.auth_problem"] == status.auth_problem
+    assert store.meta()["status.auth_problem"] == status.auth_problem
     assert proxy.requests_seen(xrpc(APPLY)) == 1 and proxy.requests_seen(xrpc(REFRESH)) == 1
     seen = proxy.requests_seen()
     assert seen == 2
@@ -586,8 +586,8 @@ def test_sync_never_spends_the_reserve_and_waits_for_the_window_reset(
     expected = FIRST_BATCH + (1400 - 3 * FIRST_BATCH - reserve) // 3
     assert status.synced == expected and len(writes) == 2
     assert writes[-1].remaining == 1400 - 3 * expected
-    assert status.next_attempt_at == writes[-1].reset == spent.reset
-    assert status.last_error is not None and "reserve" in status.last_error
+    assert status.next_sync_at == writes[-1].reset == spent.reset
+    assert status.sync_error is not None and "reserve" in status.sync_error
     assert status.points_spent == 3 * expected
     assert len(pds.list_records(account)) == expected
     assert sum(row.outbox == "pending" and not row.in_flight for row in rows(store).values()) == (
@@ -596,11 +596,11 @@ def test_sync_never_spends_the_reserve_and_waits_for_the_window_reset(
 
     # Nothing more until the window resets, however often it is asked.
     seen = recorder.count()
-    clock.move_to(status.next_attempt_at - 1)
+    clock.move_to(status.next_sync_at - 1)
     for _ in range(3):
         engine.sync()
     assert recorder.count() == seen and not engine.due()
-    clock.move_to(status.next_attempt_at)
+    clock.move_to(status.next_sync_at)
     assert engine.due()  # the reset time is when it may go on
     assert rkeys
 
@@ -628,10 +628,10 @@ def test_a_429_between_batches_is_honoured_until_its_reset(
     refused = writes[-1]
     assert refused.retry_after is not None and refused.reset is not None
     assert refused.remaining == 0 and refused.window == 3600
-    assert status.synced == FIRST_BATCH and status.next_attempt_at is not None
+    assert status.synced == FIRST_BATCH and status.next_sync_at is not None
     # retry-after is a delta, ratelimit-reset an absolute time: the later one wins.
-    assert abs(status.next_attempt_at - max(refused.reset, time.time() + refused.retry_after)) < 2
-    assert status.next_attempt_at > time.time() + 3000
+    assert abs(status.next_sync_at - max(refused.reset, time.time() + refused.retry_after)) < 2
+    assert status.next_sync_at > time.time() + 3000
     assert len(pds.list_records(account)) == FIRST_BATCH
     # The refused batch was not written: plain creates again later, nothing to look up.
     assert not any(row.in_flight for row in rows(store).values())
@@ -639,7 +639,7 @@ def test_a_429_between_batches_is_honoured_until_its_reset(
     seen = recorder.count()
     for _ in range(3):
         engine.sync()
-    clock.move_to(status.next_attempt_at - 1)
+    clock.move_to(status.next_sync_at - 1)
     engine.sync()
     assert recorder.count() == seen and not engine.due()
 
@@ -688,7 +688,7 @@ def test_refused_record_is_quarantined_and_the_rest_of_its_batch_syncs(
     engine, _ = connect(pds.url, account)
 
     status = engine.sync()
-    assert status.synced == 24 and status.quarantined == 1 and status.last_error is None
+    assert status.synced == 24 and status.quarantined == 1 and status.sync_error is None
     row = store.get(bad_rkey)
     assert row is not None and row.outbox == "quarantined" and not row.in_flight
     assert row.last_error is not None
@@ -744,13 +744,13 @@ def test_mirror_whose_answer_was_lost_is_replaced_by_the_final_record_without_a_
         # A lost answer is a network failure like any other: the sync backs off.
         assert uplink.engine is not None and not uplink.engine.due()
         assert uplink.sync() is not None and proxy.requests_seen() == 1
-        next_at = uplink.engine.status.next_attempt_at
+        next_at = uplink.engine.status.next_sync_at
         assert next_at is not None
         clock.move_to(next_at)
 
         assert store.finalize(rkey, account.did, record, OWNER, "2026-11-24")
         status = uplink.sync()
-        assert status is not None and status.synced == 1 and status.last_error is None
+        assert status is not None and status.synced == 1 and status.sync_error is None
     finally:
         uplink.close()
     assert_exactly_once(pds, account, store, [rkey])
@@ -770,16 +770,16 @@ def test_a_backoff_that_has_passed_leaves_the_worker_nothing_to_wait_for(
     try:
         proxy.inject_response(xrpc(APPLY), 503, json_body={"error": "Unavailable"})
         status = uplink.sync()
-        assert status is not None and status.next_attempt_at is not None
+        assert status is not None and status.next_sync_at is not None
         wait = uplink.seconds_until_retry()
-        assert wait is not None and 0 < wait <= status.next_attempt_at - time.time() + 1
+        assert wait is not None and 0 < wait <= status.next_sync_at - time.time() + 1
         assert not uplink.due()
 
-        clock.move_to(status.next_attempt_at + 0.001)
+        clock.move_to(status.next_sync_at + 0.001)
         assert uplink.seconds_until_retry() is None and uplink.due()
         status = uplink.sync()
         assert status is not None and status.synced == 3
-        assert status.next_attempt_at is None and status.last_error is None
+        assert status.next_sync_at is None and status.sync_error is None
         assert uplink.seconds_until_retry() is None and not uplink.due()
     finally:
         uplink.close()

@@ -1,0 +1,311 @@
+"""The session book: the rules of a play session, as a pure object.
+
+It begins and ends sessions, ends them for inactivity, a suspend or the maximum
+age, starts continuations, attributes sessions to the account a login yields,
+and hands the recorder what changed (:meth:`SessionBook.collect`). Time comes
+from the injected clock; there is no lock, no thread and no I/O here: the
+:class:`~anisota_agent.Agent` calls it under its own lock.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from typing import NamedTuple
+
+from .clock import Clock, TidGenerator
+from .records import SessionContext, SessionState
+from .settings import Settings
+
+__all__ = ["SUSPEND_THRESHOLD_NS", "Collected", "SessionBook"]
+
+#: The wall clock running this far ahead of the monotonic clock means the
+#: machine slept and the monotonic clock did not count it (where no
+#: suspend-aware clock exists), or the wall clock was stepped forward: either way
+#: the player was not playing in between.
+SUSPEND_THRESHOLD_NS = 60 * 1_000_000_000
+#: End reasons after which new activity resumes play (a continuation, in the window).
+RESUMABLE_REASONS = ("inactivity", "timeout")
+
+
+class Collected(NamedTuple):
+    """What changed since the last :meth:`SessionBook.collect`."""
+
+    #: A copy of the live session, if it changed (None: nothing new, or none live).
+    live: SessionState | None
+    #: Sessions ended since, oldest first.
+    finished: list[SessionState]
+    #: (login tag, did): sessions recorded under that login belong to ``did``.
+    attributions: list[tuple[str, str]]
+    #: Calls refused or cut short since, by kind.
+    dropped: dict[str, int]
+    #: The monotonic instant of the collection (the records' ``updatedAt``).
+    now_mono_ns: int
+
+
+class SessionBook:
+    """The live session, the ones just finished, and the account they belong to.
+
+    Args:
+        settings: the agent's (client version, platform, timeouts, window, max age).
+        clock: the wall and monotonic clock.
+        condition: the network condition now (a new session starts in it).
+        on_change: called when a session begins or ends (the agent wakes its
+            recorder), with the agent's lock held: it must only signal.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        clock: Clock,
+        condition: Callable[[], str],
+        on_change: Callable[[], None],
+    ) -> None:
+        self._settings = settings
+        self._on_change = on_change
+        self._mono = clock.monotonic_ns
+        self._wall = clock.wall_ns
+        self._tids = TidGenerator(clock=clock)
+        self._condition = condition
+        # Compared on the hot path: integers, converted once.
+        self._idle_ns = int(settings.inactivity_timeout * 1e9)
+        self._window_ms = int(settings.continuation_window * 1000)
+        self._max_age_ns = int(settings.max_session_age * 1e9)
+        #: The session being recorded, if any.
+        self.live: SessionState | None = None
+        # The last session that ended for inactivity: activity after it resumes play.
+        self._resumable: SessionState | None = None
+        self._finished: list[SessionState] = []
+        # Changes the activity counter does not show (start, network, account).
+        self._dirty = False
+        self._collected_events = 0  # the live session's total_events at the last collect
+        self._dropped: Counter[str] = Counter()
+        self._dropped_collected: Counter[str] = Counter()
+        #: The account new sessions belong to, if known.
+        self.did: str | None = None
+        #: The tag of the login under way (a requested one, or the saved one being
+        #: resumed at start): sessions recorded meanwhile carry it and belong to the
+        #: account it yields (see :attr:`SessionState.awaiting_login`).
+        self.awaiting: str | None = None
+        self._attributions: list[tuple[str, str]] = []
+
+    # -- beginning and ending --------------------------------------------------
+
+    def begin(self, context: SessionContext, parent_rkey: str | None = None) -> SessionState:
+        """Start a new session (ending a live one as ``ended``/``user_initiated``)."""
+        now_ns = self._mono()
+        self.end("ended", "user_initiated", now_ns)
+        session = SessionState(
+            rkey=self._tids.next(),
+            client_version=self._settings.client_version,
+            platform=self._settings.platform,
+            context=context,
+            started_wall_ms=self._wall() // 1_000_000,
+            started_mono_ns=now_ns,
+            did=self.did,
+        )
+        session.parent_rkey = parent_rkey
+        session.awaiting_login = self.awaiting if self.did is None else None
+        session.condition = self._condition()
+        session.expires_mono_ns = now_ns + self._max_age_ns
+        # wall - mono beyond this means the wall clock ran ahead: the machine slept.
+        session.asleep_offset_ns = (
+            session.started_wall_ms * 1_000_000 - now_ns + SUSPEND_THRESHOLD_NS
+        )
+        self.live = session
+        self._resumable = None
+        self._dirty = True
+        self._on_change()
+        return session
+
+    def end(self, status: str, reason: str, at_mono_ns: int | None = None) -> str | None:
+        """End the live session (now, or at ``at_mono_ns``); its rkey, or None if none ran."""
+        session = self.live
+        if session is None:
+            return None
+        session.finish(status, reason, self._mono() if at_mono_ns is None else at_mono_ns)
+        self._finished.append(session)
+        self.live = None
+        self._resumable = session if reason in RESUMABLE_REASONS else None
+        self._dirty = False
+        self._on_change()
+        return session.rkey
+
+    def end_if_idle(self) -> float:
+        """End the live session if it went idle, slept, or outlived the maximum age.
+
+        Returns the seconds until the next check is due (infinity when no
+        session is live).
+        """
+        now_ns = self._mono()
+        self._end_if_idle(now_ns)
+        session = self.live
+        if session is None:
+            return float("inf")
+        idle_deadline = session.last_activity_mono_ns + self._idle_ns
+        return max(0.0, (min(idle_deadline, session.expires_mono_ns) - now_ns) / 1e9)
+
+    def _end_if_idle(self, now_ns: int) -> bool:
+        session = self.live
+        if session is None:
+            return False
+        if now_ns > session.expires_mono_ns:
+            self.end("expired", "timeout", now_ns)
+        elif (
+            now_ns - session.last_activity_mono_ns > self._idle_ns
+            or self._wall() - now_ns > session.asleep_offset_ns
+        ):
+            # Dated at the last activity: the player left then, not when we noticed.
+            self.end("ended", "inactivity", session.last_activity_mono_ns)
+        else:
+            return False
+        return True
+
+    def _resume(self) -> SessionState | None:
+        """Activity after an inactivity end: a continuation within the window, else a new one."""
+        previous = self._resumable
+        if previous is None or previous.ended_mono_ns is None:
+            return None
+        # Wall time, not monotonic: a machine that slept has been away all along.
+        away_ms = self._wall() // 1_000_000 - previous.wall_ms(previous.ended_mono_ns)
+        parent = previous.rkey if away_ms <= self._window_ms else None
+        # Same entry and auth as before; never a new user's first session again.
+        was_new = previous.context.is_new_user
+        context = previous.context._replace(
+            is_new_user=None if was_new is None else False, referrer=None
+        )
+        return self.begin(context, parent_rkey=parent)
+
+    # -- activity (the hot path) -----------------------------------------------
+
+    def active(self) -> SessionState | None:
+        """The live session, with this call counted as activity.
+
+        Ends a session that went idle, and resumes play in a new one (a
+        continuation when recent enough). One clock read, one comparison: the
+        clock counts time asleep, so a suspend is inactivity like any other; the
+        maximum age, and a sleep the clock could not count, are caught by
+        :meth:`end_if_idle`. :meth:`collect` finds the change from ``total_events``.
+        """
+        now = self._mono()
+        session = self.live
+        if session is None or now - session.last_activity_mono_ns > self._idle_ns:
+            self._end_if_idle(now)
+            session = self._resume()
+            if session is None:
+                if self._settings.enabled:
+                    self._dropped["calls_without_session"] += 1
+                return None
+        session.total_events += 1
+        session.last_activity_mono_ns = now
+        return session
+
+    def add_unique(self, items: dict[str, None], item: str, cap: int, overflow: str) -> None:
+        """Add a new item to a capped list of the live session, or count it as dropped."""
+        if len(items) < cap:
+            items[item] = None
+        else:
+            self._dropped[overflow] += 1
+
+    def drop(self, kind: str) -> None:
+        """Count a call refused or cut short (``status().dropped[kind]``)."""
+        self._dropped[kind] += 1
+
+    def count_response(self, ms: float, ok: bool) -> None:
+        """One of the game's requests, timed: not activity, but the live session's."""
+        session = self.live
+        if session is not None:
+            session.count_response(ms, ok)
+            self._dirty = True
+
+    def network_changed(self, condition: str, at_mono_ns: int) -> None:
+        """Bank the live session's time in the old condition; it is in ``condition`` now."""
+        session = self.live
+        if session is not None:
+            session.set_condition(condition, at_mono_ns)
+            self._dirty = True
+
+    # -- the account -------------------------------------------------------------
+
+    def login_started(self, tag: str) -> None:
+        """A login tagged ``tag`` is under way: what is recorded meanwhile awaits it."""
+        self.awaiting = tag
+        session = self.live
+        if session is not None and session.did is None:
+            session.awaiting_login = tag  # the first to log in while it runs
+            self._dirty = True
+
+    def use_account(self, did: str) -> None:
+        """Sessions from now on belong to ``did``; a live one of another account ends.
+
+        A live session recorded while no account was known becomes ``did``'s; one
+        of another account is ``invalidated``/``forced_end`` (an account switch).
+        """
+        self.awaiting = None
+        self._set_account(did)
+
+    def account_found(self, tag: str, did: str | None) -> None:
+        """The login tagged ``tag`` yielded ``did`` (None: it failed or was dropped).
+
+        Every session recorded under it is that account's, wherever it is by
+        now: live, finished here, or already collected (the attribution goes to
+        the recorder with the next :meth:`collect`).
+        """
+        if self.awaiting == tag:
+            self.awaiting = None
+        if did is None:
+            return
+        self._attributions.append((tag, did))
+        for state in self._finished:
+            state.attribute(tag, did)
+        self._set_account(did)
+
+    def logged_out(self) -> None:
+        """No account from now on (end the live session first)."""
+        self.did = None
+        self.awaiting = None
+
+    def _set_account(self, did: str) -> None:
+        self.did = did
+        session = self.live
+        if session is None or session.did == did:
+            return
+        if session.did is None:
+            session.did = did  # recorded while the login was under way: it is theirs
+            session.awaiting_login = None
+            self._dirty = True
+        else:
+            self.end("invalidated", "forced_end")
+
+    # -- handing over --------------------------------------------------------------
+
+    def collect(self) -> Collected:
+        """What changed since the last collect: the live session's copy, the finished ones."""
+        session = self.live
+        changed = session is not None and (
+            self._dirty or session.total_events != self._collected_events
+        )
+        collected = Collected(
+            live=session.copy() if session is not None and changed else None,
+            finished=self._finished,
+            attributions=self._attributions,
+            dropped=dict(self._dropped),
+            now_mono_ns=self._mono(),
+        )
+        self._finished = []
+        self._attributions = []
+        self._dropped_collected.update(self._dropped)
+        self._dropped.clear()
+        self._dirty = False
+        self._collected_events = session.total_events if session is not None else 0
+        return collected
+
+    def dropped(self) -> dict[str, int]:
+        """Every call refused or cut short since the book began, by kind."""
+        return dict(self._dropped_collected + self._dropped)
+
+    def clear(self) -> None:
+        """Forget every session, live and finished (the player purged their data)."""
+        self.live = None
+        self._resumable = None
+        self._finished = []
