@@ -16,6 +16,7 @@ are imported by the agent's background threads when they need them.
 from ._version import __version__
 from .agent import Agent
 from .clock import Clock, SystemClock
+from .data import local_sessions
 from .lexicon import RecordValidationError, validate_record
 from .records import (
     AUTHENTICATION_METHODS,
@@ -38,5 +39,6 @@ __all__ = [
     "RecordValidationError",
     "SystemClock",
     "__version__",
+    "local_sessions",
     "validate_record",
 ]

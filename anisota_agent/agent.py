@@ -52,7 +52,18 @@ from .records import (
 )
 from .recovery import LIVE_OWNER_TOKENS
 from .sessions import SessionBook
-from .settings import Settings
+from .settings import (
+    DEFAULT_CHECKPOINT_INTERVAL,
+    DEFAULT_CLOSE_TIMEOUT,
+    DEFAULT_CONTINUATION_WINDOW,
+    DEFAULT_INACTIVITY_TIMEOUT,
+    DEFAULT_MAX_SESSION_AGE,
+    DEFAULT_MAX_STORE_BYTES,
+    DEFAULT_RETENTION_DAYS,
+    DEFAULT_SLOW_THRESHOLD_MS,
+    DEFAULT_WRITE_RESERVE,
+    Settings,
+)
 from .status import AgentStatus, StatusBoard
 
 if TYPE_CHECKING:
@@ -62,17 +73,11 @@ if TYPE_CHECKING:
     from .timing import Timed
     from .uplink import AuthRequest, UplinkWorker
 
-logger = logging.getLogger("anisota_agent")
+__all__ = [
+    "Agent",
+]
 
-DEFAULT_CHECKPOINT_INTERVAL = 5.0
-DEFAULT_MAX_SESSION_AGE = 24 * 3600.0
-DEFAULT_INACTIVITY_TIMEOUT = 30 * 60.0
-DEFAULT_CONTINUATION_WINDOW = 30 * 60.0
-DEFAULT_CLOSE_TIMEOUT = 2.0
-DEFAULT_WRITE_RESERVE = 1000
-DEFAULT_MAX_STORE_BYTES = 20_000_000  # of records: about 20,000 typical sessions
-DEFAULT_RETENTION_DAYS = 30.0
-DEFAULT_SLOW_THRESHOLD_MS = 2000.0
+logger = logging.getLogger("anisota_agent")
 
 
 #: Every agent of this process, so a forked child can reset them all.

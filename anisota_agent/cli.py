@@ -17,6 +17,14 @@ if TYPE_CHECKING:
     from .store import Store
     from .tokens import TokenStore
 
+__all__ = [
+    "EXIT_FAILURE",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "CliError",
+    "main",
+]
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -196,22 +204,14 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    store = _open_store(args)
+    from .data import local_sessions
+
+    _open_store(args).close()  # says so when there is no store
     out = args.output.open("w", encoding="utf-8") if args.output else sys.stdout
     try:
-        for row in store.iter_sessions():
-            line = {
-                "rkey": row.rkey,
-                "did": row.did,
-                "outbox": row.outbox,
-                "uri": row.uri,
-                "cid": row.cid,
-                "lastError": row.last_error,
-                "record": row.record,
-            }
+        for line in local_sessions(_data_dir(args)):
             out.write(json.dumps(line) + "\n")
     finally:
-        store.close()
         if args.output:
             out.close()
     return EXIT_OK

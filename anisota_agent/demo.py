@@ -10,6 +10,10 @@ from .agent import Agent
 from .status import AgentStatus
 
 #: (route, feature, action) steps of the simulated game, played in order.
+__all__ = [
+    "play_demo",
+]
+
 _SCRIPT = (
     ("/home", None, "feedsLoaded"),
     ("/garden", "specimen-lens", "specimensCollected"),

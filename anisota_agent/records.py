@@ -16,6 +16,35 @@ from .clock import format_datetime, parse_datetime
 from .lexicon import SESSION_NSID
 from .network import CONDITIONS
 
+__all__ = [
+    "AUTHENTICATION_METHODS",
+    "ENTRY_POINTS",
+    "GAME_ACTIONS",
+    "HOST_END_REASONS",
+    "MAX_CLIENT_VERSION_LEN",
+    "MAX_COUNT_PER_CALL",
+    "MAX_FEATURES",
+    "MAX_FEATURE_LEN",
+    "MAX_LEVEL",
+    "MAX_LINKED_URIS",
+    "MAX_PAGES",
+    "MAX_REFERRER_LEN",
+    "MAX_RELATED_SESSIONS",
+    "MAX_RESPONSE_MS",
+    "MAX_ROUTE_LEN",
+    "MAX_XP",
+    "PLATFORMS",
+    "SessionContext",
+    "SessionState",
+    "at_uri",
+    "build_record",
+    "clean_referrer",
+    "dominant_condition",
+    "expire_record",
+    "round_half_up",
+    "to_json",
+]
+
 # Allowed values, in the lexicon's own spelling.
 PLATFORMS = ("web", "mobile", "desktop", "pwa")
 ENTRY_POINTS = ("direct", "refresh", "login", "oauth_callback", "pwa_launch", "deep_link")

@@ -23,6 +23,16 @@ __all__ = ["Settings", "tracking_disabled_by_env"]
 
 _DAY = 24 * 3600.0
 
+DEFAULT_CHECKPOINT_INTERVAL = 5.0
+DEFAULT_MAX_SESSION_AGE = 24 * 3600.0
+DEFAULT_INACTIVITY_TIMEOUT = 30 * 60.0
+DEFAULT_CONTINUATION_WINDOW = 30 * 60.0
+DEFAULT_CLOSE_TIMEOUT = 2.0
+DEFAULT_WRITE_RESERVE = 1000
+DEFAULT_MAX_STORE_BYTES = 20_000_000  # of records: about 20,000 typical sessions
+DEFAULT_RETENTION_DAYS = 30.0
+DEFAULT_SLOW_THRESHOLD_MS = 2000.0
+
 
 def tracking_disabled_by_env() -> bool:
     """True when the environment asks not to be tracked (``DO_NOT_TRACK=1``)."""
@@ -59,23 +69,26 @@ class Settings(NamedTuple):
         cls,
         *,
         client_version: object,
-        platform: object,
-        enabled: object,
-        data_dir: object,
-        in_memory: object,
-        checkpoint_interval: object,
-        inactivity_timeout: object,
-        continuation_window: object,
-        max_session_age: object,
-        write_reserve: object,
-        mirror_interval: object,
-        slow_threshold_ms: object,
-        max_store_bytes: object,
-        retention_days: object,
-        keyring: object,
+        platform: object = "desktop",
+        enabled: object = True,
+        data_dir: object = None,
+        in_memory: object = False,
+        checkpoint_interval: object = DEFAULT_CHECKPOINT_INTERVAL,
+        inactivity_timeout: object = DEFAULT_INACTIVITY_TIMEOUT,
+        continuation_window: object = DEFAULT_CONTINUATION_WINDOW,
+        max_session_age: object = DEFAULT_MAX_SESSION_AGE,
+        write_reserve: object = DEFAULT_WRITE_RESERVE,
+        mirror_interval: object = None,
+        slow_threshold_ms: object = DEFAULT_SLOW_THRESHOLD_MS,
+        max_store_bytes: object = DEFAULT_MAX_STORE_BYTES,
+        retention_days: object = DEFAULT_RETENTION_DAYS,
+        keyring: object = None,
         transport: object = None,
     ) -> Settings:
-        """Check every value, naming the field of the first one out of bounds."""
+        """Check every value, naming the field of the first one out of bounds.
+
+        The defaults are :class:`~anisota_agent.Agent`'s.
+        """
         if transport is not None and not callable(getattr(transport, "handle_request", None)):
             raise TypeError(
                 f"transport must be an httpx.BaseTransport; got {type(transport).__name__}"

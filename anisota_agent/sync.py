@@ -56,6 +56,12 @@ from .xrpc import (
 
 logger = logging.getLogger("anisota_agent")
 
+__all__ = [
+    "SyncEngine",
+    "SyncStatus",
+    "SyncStopped",
+]
+
 MAX_BATCH = MAX_APPLY_WRITES
 # The PDS refuses request bodies over 1,000,000 bytes (413): keep a margin.
 MAX_BATCH_BYTES = 900_000

@@ -533,7 +533,9 @@ class UplinkWorker:
         transitions = self._network.pop_transitions()
         if not transitions:
             return
-        link.store.set_meta({f"{STATUS_META_PREFIX}network": transitions[-1].new})
+        condition = transitions[-1].new
+        logger.info("network: %s", condition)
+        link.store.set_meta({f"{STATUS_META_PREFIX}network": condition})
         if any(change.reconnected for change in transitions):
             if engine is not None:
                 engine.retry_now()  # back online: do not wait out the old backoff

@@ -38,8 +38,7 @@ from typing import Any
 
 import httpx
 
-from anisota_agent import Agent
-from anisota_agent.store import Store
+from anisota_agent import Agent, local_sessions
 
 #: What the game fetches each turn, concurrently.
 ROUTES = ("/feed", "/garden", "/inventory")
@@ -137,15 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         if store_path is None:
             print("the store could not be opened; the session was kept in memory only")
             return 1
-        store = Store.open(Path(store_path))
-        try:
-            row = store.get(rkey)
-        finally:
-            store.close()
+        kept = {line["rkey"]: line for line in local_sessions(Path(store_path).parent)}
+        row = kept.get(rkey)
     if row is None:
         print(f"session {rkey} is not in the store")
         return 1
-    metrics = row.record["metadata"]["performanceMetrics"]
+    metrics = row["record"]["metadata"]["performanceMetrics"]
     print(f"session:  {rkey}")
     print(f"server:   {server.requests} requests, {server.errors} answered 500, {server.slow} slow")
     print(f"game:     {failed} fetches failed")

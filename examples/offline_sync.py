@@ -44,8 +44,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from anisota_agent import Agent
-from anisota_agent.store import Store
+from anisota_agent import Agent, local_sessions
 
 TURNS_PER_SECOND = 4
 REPORTS_PER_SECOND = 2
@@ -241,20 +240,18 @@ def main(argv: list[str] | None = None) -> int:
         if not played or store_path is None:
             print("nothing was recorded (DO_NOT_TRACK, or no store)")
             return 1
-        store = Store.open(Path(store_path))
-        try:
-            rows = [store.get(rkey) for rkey in played]
-        finally:
-            store.close()
+        kept = {line["rkey"]: line for line in local_sessions(Path(store_path).parent)}
+        rows = [kept.get(rkey) for rkey in played]
     ok = True
     for rkey, row in zip(played, rows, strict=True):
         if row is None:
             print(f"session {rkey}  MISSING from the store")
             ok = False
             continue
-        ok = ok and row.outbox == "synced"
-        condition = row.record["metadata"]["networkCondition"]
-        print(f"session {rkey}  {row.outbox:8}  networkCondition {condition:8}  {row.uri or '-'}")
+        ok = ok and row["outbox"] == "synced"
+        condition = row["record"]["metadata"]["networkCondition"]
+        uri = row["uri"] or "-"
+        print(f"session {rkey}  {row['outbox']:8}  networkCondition {condition:8}  {uri}")
     print("every session is on the PDS" if ok else "NOT every session was synced in time")
     return 0 if ok else 1
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -14,9 +15,9 @@ from typing import Any
 
 import httpx
 
+from anisota_agent.checks import MAX_URI_LEN
 from anisota_agent.clock import TidGenerator
 from anisota_agent.lexicon import validate_record
-from anisota_agent.checks import MAX_URI_LEN
 from anisota_agent.records import (
     MAX_FEATURE_LEN,
     MAX_FEATURES,
@@ -183,3 +184,24 @@ class SteppedClock:
     def step(self, seconds: float) -> None:
         with self._lock:
             self._offset_ns += int(seconds * 1e9)
+
+
+@contextmanager
+def logged(message: str) -> Iterator[threading.Event]:
+    """An event set when the ``anisota_agent`` logger emits ``message`` (exactly)."""
+    seen = threading.Event()
+
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage() == message:
+                seen.set()
+
+    logger = logging.getLogger("anisota_agent")
+    handler, level = Watch(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(min(level or logging.WARNING, logging.INFO))
+    try:
+        yield seen
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

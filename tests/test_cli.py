@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,8 @@ Recorded = tuple[Path, list[str]]
 
 
 @pytest.fixture
-def recorded(tmp_path: Path) -> Recorded:
-    """A data dir with two ended sessions and one live one."""
+def recorded(tmp_path: Path) -> Iterator[Recorded]:
+    """A data dir with two ended sessions and one live one, its game still running."""
     agent = Agent("1.0", data_dir=tmp_path).start()
     rkeys = []
     for route in ("/a", "/b"):
@@ -27,8 +28,8 @@ def recorded(tmp_path: Path) -> Recorded:
         agent.end_session("logout")
     rkeys.append(str(agent.start_session()))
     assert agent.flush()
-    agent._stopping = True  # leave the last session live, as a running game would
-    return tmp_path, rkeys
+    yield tmp_path, rkeys
+    agent.close()
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

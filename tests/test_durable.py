@@ -7,6 +7,7 @@ deleted under the agent, a file corrupted between two runs.
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from pds_harness import Account, PdsServer
 
 from anisota_agent import Agent
 from anisota_agent.store import DB_FILENAME
+from anisota_agent.uplink import AuthRequest
 
 COLLECTION = "net.anisota.beta.game.session"
 CREATE_SESSION = "/xrpc/com.atproto.server.createSession"
@@ -113,7 +115,8 @@ def test_a_refused_login_stops_and_forgets_the_password(
 ) -> None:
     clock = SteppedClock()
     agent = Agent("1.0", data_dir=tmp_path, clock=clock).start()
-    agent.login(account.handle, "not-the-password", pds_url=proxy.url)
+    wrong = f"not-the-password-{os.urandom(4).hex()}"
+    agent.login(account.handle, wrong, pds_url=proxy.url)
     rkey = play(agent)
     assert agent.flush()
     problem = agent.status().auth_problem
@@ -121,7 +124,10 @@ def test_a_refused_login_stops_and_forgets_the_password(
     clock.step(3600)
     assert agent.flush()
     assert proxy.requests_seen(CREATE_SESSION) == 1  # never asked again
-    assert agent._uplink is not None and agent._uplink._login is None  # the password is gone
+    # The password is gone: no account change holding it is left anywhere in memory.
+    assert not [
+        held for held in gc.get_objects() if isinstance(held, AuthRequest) and held.password
+    ]
     agent.close()
     assert stored(tmp_path, rkey).did is None  # no account: it stays local
     assert on_pds(pds, account) == {}

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from agent_helpers import all_sessions, stored, stored_record
+from agent_helpers import all_sessions, logged, stored, stored_record
 from faultproxy import FaultProxy
 from pds_harness import Account, PdsServer
 
 from anisota_agent import Agent
-from anisota_agent.network import Transition
 from anisota_agent.store import Store
 
 DID = "did:plc:lifecycletest000000000000"
@@ -159,23 +158,15 @@ def test_a_queued_session_syncs_within_5_s_of_the_network_coming_back(
     monkeypatch.setattr(Store, "mark_synced_many", spy)
     with FaultProxy(pds.url) as proxy:
         agent = Agent("1.0", data_dir=tmp_path).start()
-        offline = threading.Event()
-        changed = agent._on_network_change
-
-        def watch(change: Transition) -> None:
-            changed(change)
-            if change.new == "offline":
-                offline.set()
-
-        monkeypatch.setattr(agent._network, "_on_change", watch)
         agent.login(account.handle, account.password, pds_url=proxy.url)
         assert agent.flush()
         assert agent.status().account is not None
-        proxy.cut()
-        rkey = str(agent.start_session())
-        agent.end_session("logout")
-        assert agent.flush()  # the sync fails: queued
-        assert offline.wait(15), agent.status()
+        with logged("network: offline") as offline:
+            proxy.cut()
+            rkey = str(agent.start_session())
+            agent.end_session("logout")
+            assert agent.flush()  # the sync fails: queued
+            assert offline.wait(15), agent.status()
         assert stored(tmp_path, rkey).outbox == "pending" and not synced.is_set()
         proxy.passthrough()
         restored = time.monotonic()
