@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 import httpx
 
-from .records import check_pds_url
+from .checks import check_pds_url
 from .tokens import TokenStore
 from .xrpc import (
     ExpiredToken,

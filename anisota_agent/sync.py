@@ -180,9 +180,7 @@ class SyncEngine:
         self._deadline = deadline
         self._interrupted = interrupted
         if self.due():
-            # The wait is over: a past next_sync_at left in the status made
-            # Uplink.seconds_until_retry() answer 0 for good, and the uplink,
-            # which sleeps that long at most, spin without pause.
+            # The wait is over: a next attempt in the past is no time to show or wait for.
             self.status.next_sync_at = None
         try:
             while self.due() and (deadline is None or self._now() < deadline):

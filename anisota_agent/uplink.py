@@ -111,10 +111,10 @@ class Uplink:
         self.engine: SyncEngine | None = None
         #: Why there is no working account (a failed login, say), if so.
         self.problem: str | None = None
-        self._on_response = on_response
         self._reserve = reserve_points
         self._now = now
-        self._transport = transport
+        # How every request to the PDS is made: timed for the monitor, through the transport.
+        self._http: dict[str, Any] = {"on_response": on_response, "transport": transport}
 
     @property
     def did(self) -> str | None:
@@ -128,9 +128,7 @@ class Uplink:
                 return None  # nothing saved: no reason to import httpx at all
             from .auth import AppPasswordSession
 
-            credentials = AppPasswordSession.from_store(
-                self.token_store, on_response=self._on_response
-            )
+            credentials = AppPasswordSession.from_store(self.token_store, **self._http)
         except OSError as failure:
             self.problem = f"cannot read the saved session: {failure}"
             logger.error("%s", self.problem)
@@ -159,12 +157,12 @@ class Uplink:
         try:
             try:
                 credentials = AppPasswordSession.login(
-                    pds_url, identifier, password, self.token_store, on_response=self._on_response
+                    pds_url, identifier, password, self.token_store, **self._http
                 )
             except OSError as unsaved:  # the login was revoked: log in again, in memory
                 logger.error("cannot save the login (%s): it lasts for this run only", unsaved)
                 credentials = AppPasswordSession.login(
-                    pds_url, identifier, password, MemoryTokenStore(), on_response=self._on_response
+                    pds_url, identifier, password, MemoryTokenStore(), **self._http
                 )
         except (NetworkError, ServerError, RateLimited) as failure:
             self.problem = f"login pending: {type(failure).__name__}: {failure}"
@@ -209,8 +207,8 @@ class Uplink:
             return None
         next_at = self.engine.status.next_sync_at
         now = self._now()
-        # A time already past is nothing to wait for (0 here would be a busy loop
-        # in the worker while nothing is due, e.g. after the queue was pruned).
+        # A time already past is nothing to wait for: nothing may be due at all
+        # (the queue pruned, say), and waiting 0 s would spin.
         return None if next_at is None or next_at <= now else next_at - now
 
     def sync(
@@ -234,7 +232,7 @@ class Uplink:
 
         self._disconnect()
         self.credentials = credentials
-        client = credentials.client(on_response=self._on_response)
+        client = credentials.client(**self._http)
         self.engine = SyncEngine(
             self.store, client, credentials, now=self._now, reserve_points=self._reserve
         )

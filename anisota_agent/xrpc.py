@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Literal, NoReturn
 
 import httpx
 
-from .records import check_pds_url
+from .checks import check_pds_url
 from .timing import classify_status
 
 logger = logging.getLogger("anisota_agent")

@@ -9,9 +9,9 @@ from agent_helpers import stored, stored_record
 from freezegun import freeze_time
 
 from anisota_agent import Agent, SystemClock
+from anisota_agent.checks import MAX_URI_LEN
 from anisota_agent.clock import is_valid_tid
 from anisota_agent.lexicon import validate_record
-from anisota_agent.checks import MAX_URI_LEN
 from anisota_agent.records import (
     MAX_FEATURE_LEN,
     MAX_FEATURES,

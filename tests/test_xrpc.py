@@ -22,8 +22,8 @@ from faultproxy import FaultProxy
 from freezegun import freeze_time
 from pds_harness import SESSION_COLLECTION, Account, PdsServer
 
+from anisota_agent.checks import check_pds_url
 from anisota_agent.clock import TidGenerator
-from anisota_agent.records import check_pds_url
 from anisota_agent.xrpc import (
     DEFAULT_RETRY_AFTER,
     MAX_APPLY_WRITES,
