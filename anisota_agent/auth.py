@@ -20,7 +20,7 @@ from __future__ import annotations
 import abc
 import logging
 import threading
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from typing import Any, ClassVar
 
 import httpx
@@ -65,16 +65,6 @@ class Credentials(abc.ABC):
     @abc.abstractmethod
     def httpx_auth(self) -> httpx.Auth:
         """The :class:`httpx.Auth` that adds the access token to each request."""
-
-    @abc.abstractmethod
-    def refresh(self) -> None:
-        """Get a fresh access token now.
-
-        Raises:
-            ExpiredToken, InvalidToken: the session is revoked or expired; the
-                player must log in again (do not retry).
-            NetworkError, ServerError: try again later.
-        """
 
     @abc.abstractmethod
     def describe(self) -> str:
@@ -248,19 +238,6 @@ class AppPasswordSession(Credentials):
         """Adds ``Authorization: Bearer <access JWT>``; on 400 ``ExpiredToken`` it
         refreshes once (single flight) and resends the request once."""
         return self._auth
-
-    def refresh(self) -> None:
-        """``refreshSession`` now, and save the rotated refresh token.
-
-        Raises:
-            ExpiredToken: the refresh token is revoked or expired (400
-                ``ExpiredToken`` "Token has been revoked"); the session is dead.
-            InvalidToken: the server does not accept the refresh token at all.
-            AccountUnavailable: the account is taken down (401 ``AccountTakedown``).
-            NetworkError, ServerError, RateLimited: try again later.
-        """
-        with self._lock:
-            self._refresh_locked()
 
     def describe(self) -> str:
         """``app_password <handle> (<did>) at <pds_url>``, plus ``[revoked]`` if dead."""
@@ -442,18 +419,15 @@ class HostAuth(Credentials):
     host's auth flow is responsible for attaching the token, answering DPoP
     nonce challenges and refreshing as it needs.
 
-    :meth:`refresh` cannot do anything the host has not offered: it calls
-    ``on_refresh`` if the host gave one, and otherwise raises
-    :class:`InvalidToken`, so that the sync stops and reports instead of
-    retrying credentials it cannot renew. The host then hands the agent new
-    credentials.
+    The agent cannot renew credentials it does not own: when the PDS refuses
+    them, the sync stops and reports (``status().auth_problem``) instead of
+    retrying, until the host hands the agent new ones (``use_auth``).
 
     Args:
         auth: signs each request (it may send extra requests, e.g. for a nonce).
         did: the account whose repo the agent writes.
         pds_url: that account's PDS.
         handle: for display only.
-        on_refresh: the host's own "refresh now", called by :meth:`refresh`.
     """
 
     kind = "host"
@@ -465,7 +439,6 @@ class HostAuth(Credentials):
         pds_url: str,
         *,
         handle: str | None = None,
-        on_refresh: Callable[[], None] | None = None,
     ) -> None:
         if not isinstance(auth, httpx.Auth):
             raise TypeError(f"auth must be an httpx.Auth, not {type(auth).__name__}")
@@ -475,26 +448,10 @@ class HostAuth(Credentials):
         self.did = did
         self.pds_url = check_pds_url(pds_url)
         self.handle = handle
-        self._on_refresh = on_refresh
 
     def httpx_auth(self) -> httpx.Auth:
         """The host's auth, unchanged."""
         return self._auth
-
-    def refresh(self) -> None:
-        """Ask the host to refresh (``on_refresh``), else raise :class:`InvalidToken`.
-
-        Raises:
-            InvalidToken: no ``on_refresh`` was given, or it failed.
-        """
-        if self._on_refresh is None:
-            raise InvalidToken("the host owns these credentials: it must renew them")
-        try:
-            self._on_refresh()
-        except XrpcError:
-            raise
-        except Exception as error:
-            raise InvalidToken(f"the host's refresh failed: {type(error).__name__}") from error
 
     def describe(self) -> str:
         """``host <handle> (<did>) at <pds_url>``."""

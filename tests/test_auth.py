@@ -216,8 +216,6 @@ def test_revoked_refresh_token_stops_without_a_loop(
     # Dead from now on: fails at once, without a single request.
     with pytest.raises(ExpiredToken):
         put(session, counting)
-    with pytest.raises(ExpiredToken):
-        session.refresh()
     assert counting.calls == {PUT: 1, REFRESH: 1}
 
 
@@ -232,7 +230,7 @@ def test_revoked_refresh_from_store_sends_no_write(
     session = AppPasswordSession.from_store(store, transport=counting)
     assert session is not None
     with pytest.raises(ExpiredToken):
-        session.refresh()
+        put(session, counting)  # no access token yet: the write refreshes first
     with pytest.raises(ExpiredToken):
         put(session, counting)
     assert counting.calls == {REFRESH: 1}
@@ -241,15 +239,22 @@ def test_revoked_refresh_from_store_sends_no_write(
 def test_deactivated_account_cannot_write(
     pds: PdsServer, account: Account, counting: CountingTransport
 ) -> None:
+    store = MemoryTokenStore()
     session = AppPasswordSession.login(
-        pds.url, account.handle, account.password, None, transport=counting
+        pds.url, account.handle, account.password, store, transport=counting
     )
     pds.deactivate(account)
     with pytest.raises(AccountUnavailable) as caught:
         put(session, counting)
     assert (caught.value.status, caught.value.error) == (401, "AccountDeactivated")
     assert counting.calls[REFRESH] == 0 and not session.revoked
-    session.refresh()  # a deactivated account can still refresh (and reactivate)
+    # A deactivated account can still refresh (and reactivate): a resumed session
+    # refreshes before its first write, and only the write is refused.
+    resumed = AppPasswordSession.from_store(store, transport=counting)
+    assert resumed is not None
+    with pytest.raises(AccountUnavailable):
+        put(resumed, counting)
+    assert counting.calls[REFRESH] == 1 and not resumed.revoked
 
 
 def test_taken_down_account_fails_refresh(
@@ -305,7 +310,7 @@ def test_refresh_offline_is_a_network_error(pds: PdsServer, account: Account) ->
         transport=httpx.MockTransport(offline),
     )
     with pytest.raises(NetworkError):
-        session.refresh()
+        put(session, httpx.HTTPTransport())  # the refresh before the write fails
     assert not session.revoked  # a later try may succeed
 
 
@@ -314,9 +319,12 @@ def test_no_secret_is_logged(
 ) -> None:
     store = FileTokenStore(token_file)
     with caplog.at_level(logging.DEBUG):
-        session = AppPasswordSession.login(pds.url, account.handle, account.password, store)
-        access = session._access_jwt
-        session.refresh()
+        first = AppPasswordSession.login(pds.url, account.handle, account.password, store)
+        access = first._access_jwt
+        first.close()
+        session = AppPasswordSession.from_store(store)
+        assert session is not None
+        put(session, httpx.HTTPTransport())  # refreshes first: a new refresh token is saved
         refreshed = json.loads(token_file.read_text())["refresh_jwt"]
         session.logout()
     assert caplog.records  # something was logged
@@ -378,25 +386,7 @@ def test_host_auth_writes_with_the_hosts_auth(
     assert account.access_jwt not in repr(host)
 
 
-def test_host_auth_refresh_belongs_to_the_host() -> None:
-    bare = HostAuth(Bearer("t"), "did:plc:x", "https://pds.example.com")
-    with pytest.raises(InvalidToken, match="host"):
-        bare.refresh()
-
-    calls: list[str] = []
-    host = HostAuth(
-        Bearer("t"), "did:plc:x", "https://pds.example.com", on_refresh=lambda: calls.append("r")
-    )
-    host.refresh()
-    assert calls == ["r"]
-
-    def broken() -> None:
-        raise OSError("oauth server unreachable")
-
-    failing = HostAuth(Bearer("t"), "did:plc:x", "https://pds.example.com", on_refresh=broken)
-    with pytest.raises(InvalidToken) as caught:
-        failing.refresh()
-    assert isinstance(caught.value.__cause__, OSError)
+def test_host_auth_checks_its_arguments() -> None:
     with pytest.raises(ValueError):
         HostAuth(Bearer("t"), "alice.test", "https://pds.example.com")
     with pytest.raises(TypeError):
