@@ -36,6 +36,14 @@ from .xrpc import (
     XrpcError,
 )
 
+__all__ = [
+    "DEFAULT_AUTH_TIMEOUT",
+    "STORE_FORMAT",
+    "AppPasswordSession",
+    "Credentials",
+    "HostAuth",
+]
+
 logger = logging.getLogger("anisota_agent")
 
 #: Version of the stored session format.

@@ -39,6 +39,27 @@ from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar
 
 from .records import MAX_RELATED_SESSIONS
 
+__all__ = [
+    "DB_FILENAME",
+    "LOST_UNKNOWN",
+    "MIGRATIONS",
+    "OUTBOX_STATES",
+    "PRUNE_MAX_ROWS",
+    "PRUNE_ORDER",
+    "SALVAGE_STATES",
+    "WAL_BACKSTOP_PAGES",
+    "Owner",
+    "Salvage",
+    "Store",
+    "StoredSession",
+    "WalCheckpointer",
+    "atomic",
+    "default_data_dir",
+    "is_corrupt",
+    "is_disk_fault",
+    "pending_migrations",
+]
+
 logger = logging.getLogger("anisota_agent")
 
 DB_FILENAME = "agent.sqlite3"

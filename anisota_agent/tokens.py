@@ -24,6 +24,7 @@ __all__ = [
     "KeyringTokenStore",
     "MemoryTokenStore",
     "TokenStore",
+    "parse_saved",
     "token_store_for",
 ]
 
@@ -34,6 +35,22 @@ MAX_TOKEN_FILE_BYTES = 64 * 1024
 
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _POSIX = os.name == "posix"
+
+
+def parse_saved(raw: str | bytes, where: str) -> dict[str, Any] | None:
+    """A saved session's JSON object, or None (logged, naming ``where``) if it is not one."""
+    if len(raw) > MAX_TOKEN_FILE_BYTES:
+        logger.error("ignoring %s: too large", where)
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        logger.error("ignoring %s: not valid JSON", where)
+        return None
+    if not isinstance(data, dict):
+        logger.error("ignoring %s: not a JSON object", where)
+        return None
+    return data
 
 
 class TokenStore(abc.ABC):
@@ -132,18 +149,7 @@ class FileTokenStore(TokenStore):
         return True
 
     def _parse(self, raw: bytes) -> dict[str, Any] | None:
-        if len(raw) > MAX_TOKEN_FILE_BYTES:
-            logger.error("ignoring the token file %s: too large", self.path)
-            return None
-        try:
-            data = json.loads(raw)
-        except ValueError:
-            logger.error("ignoring the token file %s: not valid JSON", self.path)
-            return None
-        if not isinstance(data, dict):
-            logger.error("ignoring the token file %s: not a JSON object", self.path)
-            return None
-        return data
+        return parse_saved(raw, f"the token file {self.path}")
 
     def save(self, data: dict[str, Any]) -> None:
         """Atomically replace the file with ``data`` (mode 0600).
@@ -225,12 +231,7 @@ class KeyringTokenStore(TokenStore):
             return None
         if raw is None:
             return None
-        try:
-            data = json.loads(raw)
-        except ValueError:
-            logger.error("ignoring the keyring entry %s: not valid JSON", self.service)
-            return None
-        return data if isinstance(data, dict) else None
+        return parse_saved(raw, f"the keyring entry {self.service}")
 
     def save(self, data: dict[str, Any]) -> None:
         """Store ``data`` as one JSON secret."""

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import enum
-import json
 import logging
 import time
 from collections.abc import Callable, Generator, Mapping
@@ -33,8 +32,36 @@ from typing import Any, ClassVar, Literal, NoReturn
 
 import httpx
 
+from ._version import __version__
 from .checks import check_pds_url
+from .records import to_json
 from .timing import classify_status
+
+__all__ = [
+    "DEFAULT_RETRY_AFTER",
+    "MAX_APPLY_WRITES",
+    "AccountUnavailable",
+    "ExpiredToken",
+    "Forbidden",
+    "InvalidRequest",
+    "InvalidSwap",
+    "InvalidToken",
+    "JsonDict",
+    "NetworkError",
+    "OnResponse",
+    "PayloadTooLarge",
+    "RateLimit",
+    "RateLimited",
+    "RecordNotFound",
+    "ServerError",
+    "XrpcClient",
+    "XrpcError",
+    "create_write",
+    "encode_json",
+    "error_from_response",
+    "parse_rate_limit",
+    "retry_time",
+]
 
 logger = logging.getLogger("anisota_agent")
 
@@ -278,8 +305,6 @@ def _error_body(response: httpx.Response) -> tuple[str | None, str]:
 
 
 def _user_agent() -> str:
-    from . import __version__  # here, not at import time: the package may be half-loaded
-
     return f"anisota-agent/{__version__}"
 
 
@@ -611,7 +636,7 @@ def encode_json(value: Any, nsid: str | None = None) -> bytes:
         InvalidRequest: for NaN/infinity or a value JSON cannot carry.
     """
     try:
-        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        text = to_json(value)
     except (TypeError, ValueError) as failure:
         raise InvalidRequest(f"cannot encode the request as JSON: {failure}", nsid=nsid) from None
     return text.encode()
