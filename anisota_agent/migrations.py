@@ -18,11 +18,11 @@ import sqlite3
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
-from .store import MIGRATION_SET
-
 __all__ = ["apply", "migrations"]
 
-migrations = Migrations(MIGRATION_SET)
+#: Named as :data:`anisota_agent.store.MIGRATION_SET` (a test keeps the two equal): the
+#: store imports this module, never the other way round.
+migrations = Migrations("anisota_agent")
 
 
 @migrations()

@@ -342,11 +342,13 @@ def expire_record(record: dict[str, Any], now_wall_ms: int) -> dict[str, Any]:
 
 
 def to_json(value: Any) -> str:
-    """The one JSON text of a record or a request body: compact, UTF-8, no NaN.
+    """The one JSON text of a record or a request body: compact, ASCII, no NaN.
 
-    Raises ``ValueError`` for NaN or infinity, which no record may hold.
+    ASCII (other characters escaped), so that any ``str`` survives SQLite and the
+    wire as it is. Raises ``ValueError`` for NaN or infinity, which no record
+    may hold.
     """
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return json.dumps(value, separators=(",", ":"), allow_nan=False)
 
 
 def at_uri(did: str, rkey: str) -> str:

@@ -37,7 +37,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar
 
-from .records import MAX_RELATED_SESSIONS
+from .records import MAX_RELATED_SESSIONS, to_json
 
 __all__ = [
     "DB_FILENAME",
@@ -86,6 +86,11 @@ MIGRATION_SET = "anisota_agent"
 #: defines them (a test keeps the two equal): a file that has applied all of
 #: them opens without importing that module, nor sqlite-utils.
 MIGRATIONS = ("m001_sessions", "m002_sync", "m003_bounds")
+#: Sets a meta key to a JSON text, whether it is there or not.
+_UPSERT_META = (
+    "INSERT INTO meta(key, value) VALUES(?, ?)"
+    " ON CONFLICT(key) DO UPDATE SET value = excluded.value"
+)
 #: sqlite-utils' bookkeeping table: one row (migration_set, name, ...) per applied one.
 _MIGRATIONS_TABLE = "_sqlite_migrations"
 
@@ -624,11 +629,7 @@ class Store:
             try:
                 self.add_counts(recovered.counters)
                 with self._immediate():
-                    self.db.executemany(
-                        "INSERT INTO meta(key, value) VALUES(?, ?)"
-                        " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                        list(recovered.meta.items()),
-                    )
+                    self.db.executemany(_UPSERT_META, list(recovered.meta.items()))
             except sqlite3.Error as error:  # counters are worth less than sessions
                 logger.error("cannot copy the counters of the corrupt store: %s", error)
         salvage = Salvage(aside, salvaged, recovered.lost, recovered.exact)
@@ -756,7 +757,7 @@ class Store:
         error: str | None,
         awaiting_login: str | None,
     ) -> bool:
-        text = json.dumps(record, separators=(",", ":"))
+        text = to_json(record)
         row = {
             "rkey": rkey,
             "did": did,
@@ -816,7 +817,7 @@ class Store:
     @_locked
     def expire(self, stale: StoredSession, record: dict[str, Any], error: str | None) -> bool:
         """Queue a dead owner's session as expired; False if someone else already did."""
-        text = json.dumps(record, separators=(",", ":"))
+        text = to_json(record)
         # checkpointed_at: the latest write of the row, which absorb() compares.
         cursor = self.db.execute(
             "UPDATE sessions SET status=?, outbox=?, record=?, record_bytes=?, last_error=?,"
@@ -1054,9 +1055,7 @@ class Store:
         """Save sync state shown by ``anisota-agent status`` (JSON values)."""
         with self._immediate():
             self.db.executemany(
-                "INSERT INTO meta(key, value) VALUES(?, ?)"
-                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                [[key, json.dumps(value)] for key, value in values.items()],
+                _UPSERT_META, [[key, to_json(value)] for key, value in values.items()]
             )
 
     @_locked
