@@ -573,13 +573,6 @@ class Agent:
 
     def link_log(self, uri: str) -> None:
         """Link a ``net.anisota.beta.game.log`` record (its at-uri) to the session."""
-        self._link(uri, "log_uris", "log_uris_over_cap")
-
-    def link_progress(self, uri: str) -> None:
-        """Link a ``net.anisota.beta.game.progress`` record (its at-uri) to the session."""
-        self._link(uri, "progress_uris", "progress_uris_over_cap")
-
-    def _link(self, uri: str, kind: str, overflow: str) -> None:
         try:
             check_at_uri("uri", uri)
         except (TypeError, ValueError):
@@ -587,10 +580,21 @@ class Agent:
             raise
         with self._lock:
             session = self._book.active()
-            if session is not None:
-                uris: dict[str, None] = getattr(session, kind)
-                if uri not in uris:
-                    self._book.add_unique(uris, uri, MAX_LINKED_URIS, overflow)
+            if session is not None and uri not in session.log_uris:
+                self._book.add_unique(session.log_uris, uri, MAX_LINKED_URIS, "log_uris_over_cap")
+
+    def link_progress(self, uri: str) -> None:
+        """Link a ``net.anisota.beta.game.progress`` record (its at-uri) to the session."""
+        try:
+            check_at_uri("uri", uri)
+        except (TypeError, ValueError):
+            self._refused()
+            raise
+        with self._lock:
+            session = self._book.active()
+            if session is not None and uri not in session.progress_uris:
+                uris = session.progress_uris
+                self._book.add_unique(uris, uri, MAX_LINKED_URIS, "progress_uris_over_cap")
 
     def _refused(self) -> None:
         """Count a call refused for bad input (``status().dropped["refused_calls"]``).
