@@ -137,6 +137,15 @@ class Uplink:
             self._connect(credentials)
         return self.did
 
+    def saved_did(self) -> str | None:
+        """The account of the saved login, if any (reads the token store, no request)."""
+        try:
+            saved = self.token_store.load()
+        except OSError:
+            return None
+        did = saved.get("did") if saved else None
+        return did if isinstance(did, str) else None
+
     def login(self, pds_url: str, identifier: str, password: str) -> str | None:
         """App-password login; the password is used once and not kept.
 
@@ -424,7 +433,9 @@ class UplinkWorker:
     def _apply_requests(self, first: bool) -> None:
         """Carry out the host's account changes; at the first round, resume a saved login.
 
-        A host's choice made before the first round wins over a saved login.
+        A host's choice made before the first round wins over a saved login;
+        what was recorded while the saved login was the player's (by a run
+        killed before it resumed, say) stays that account's all the same.
         """
         link = self._link
         assert link is not None
@@ -432,6 +443,9 @@ class UplinkWorker:
         if first and not requests:
             did = link.resume()  # reads a file; no request is made until the first sync
             self._found(RESUME_TAG, did)
+        elif first:
+            self._attribute_stored(RESUME_TAG, link.saved_did())
+            self._agent._account_found(RESUME_TAG, None)
         for request in requests:
             self._drop_pending_login()
             if request.kind == "host":
@@ -479,13 +493,17 @@ class UplinkWorker:
         agent's last) syncs them; the agent moves those still in memory, and the
         recorder those it writes meanwhile.
         """
-        if did is not None:
-            assert self._link is not None
-            try:
-                self._link.store.attribute(tag, did)
-            except Exception as failure:  # the recorder's next round tries again
-                logger.error("cannot attribute sessions to %s: %s", did, failure)
+        self._attribute_stored(tag, did)
         self._agent._account_found(tag, did)
+
+    def _attribute_stored(self, tag: str, did: str | None) -> None:
+        if did is None:
+            return
+        assert self._link is not None
+        try:
+            self._link.store.attribute(tag, did)
+        except Exception as failure:  # the recorder's next round tries again
+            logger.error("cannot attribute sessions to %s: %s", did, failure)
 
     def _refresh_account(self) -> None:
         link = self._link

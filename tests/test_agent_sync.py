@@ -11,10 +11,19 @@ from pathlib import Path
 
 import httpx
 import pytest
-from agent_helpers import fake_keyring, run_python, stored, stored_record
+from agent_helpers import (
+    OWNER,
+    fake_keyring,
+    run_python,
+    session_record,
+    store_at,
+    stored,
+    stored_record,
+)
 from pds_harness import Account, PdsServer
 
 from anisota_agent import Agent
+from anisota_agent.uplink import RESUME_TAG
 
 COLLECTION = "net.anisota.beta.game.session"
 
@@ -173,3 +182,20 @@ def test_without_a_usable_keyring_the_session_goes_to_a_0600_file(
     assert agent.flush()
     agent.close()
     assert (tmp_path / "session.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_sessions_awaiting_a_resume_that_never_came_go_to_the_saved_account(
+    tmp_path: Path, pds: PdsServer, account: Account
+) -> None:
+    """A run was killed before it resumed the saved login; the next logs in before a round."""
+    logged_in_agent(tmp_path, pds, account).close()  # the saved login
+    rkey, record = session_record(account.did, 0)
+    with store_at(tmp_path) as store:
+        store.finalize(rkey, None, record, OWNER, "2026-11-24", awaiting_login=RESUME_TAG)
+    agent = Agent("1.0", data_dir=tmp_path)
+    agent.login(account.handle, account.password, pds_url=pds.url)  # before any round
+    agent.start()
+    assert agent.flush()
+    agent.close()
+    assert stored(tmp_path, rkey).did == account.did
+    assert stored(tmp_path, rkey).outbox == "synced"
