@@ -196,6 +196,8 @@ class Agent:
         self._book = SessionBook(
             self._settings, self._clock, lambda: self._network.condition, self._wake
         )
+        # The hot path's one call into the book, bound once.
+        self._active = self._book.active
         # flush() callers waiting for a sync round, and for a recorder round only.
         self._waiters: list[threading.Event] = []
         self._recorded_waiters: list[threading.Event] = []
@@ -496,7 +498,7 @@ class Agent:
     def touch(self) -> None:
         """The player is here: counts as activity without recording anything else."""
         with self._lock:
-            self._book.active()
+            self._active()
 
     def page(self, route: str) -> None:
         """Record a visit to a page or route (unique routes, in first-visit order)."""
@@ -506,7 +508,7 @@ class Agent:
             self._refused()
             raise
         with self._lock:
-            session = self._book.active()
+            session = self._active()
             if session is not None and route not in session.pages:
                 self._book.add_unique(session.pages, route, MAX_PAGES, "pages_over_cap")
 
@@ -518,7 +520,7 @@ class Agent:
             self._refused()
             raise
         with self._lock:
-            session = self._book.active()
+            session = self._active()
             if session is not None and name not in session.features:
                 self._book.add_unique(session.features, name, MAX_FEATURES, "features_over_cap")
 
@@ -536,7 +538,7 @@ class Agent:
             self._refused()
             raise
         with self._lock:
-            session = self._book.active()
+            session = self._active()
             if session is not None:
                 session.actions[kind] = session.actions.get(kind, 0) + count
 
@@ -550,7 +552,7 @@ class Agent:
             self._refused()
             raise
         with self._lock:
-            session = self._book.active()
+            session = self._active()
             if session is not None:
                 if session.first_xp is None:
                     session.first_xp = xp
@@ -567,7 +569,7 @@ class Agent:
             self._refused()
             raise
         with self._lock:
-            session = self._book.active()
+            session = self._active()
             if session is not None:
                 session.count_response(ms, ok)
 
@@ -579,7 +581,7 @@ class Agent:
             self._refused()
             raise
         with self._lock:
-            session = self._book.active()
+            session = self._active()
             if session is not None and uri not in session.log_uris:
                 self._book.add_unique(session.log_uris, uri, MAX_LINKED_URIS, "log_uris_over_cap")
 
@@ -591,7 +593,7 @@ class Agent:
             self._refused()
             raise
         with self._lock:
-            session = self._book.active()
+            session = self._active()
             if session is not None and uri not in session.progress_uris:
                 uris = session.progress_uris
                 self._book.add_unique(uris, uri, MAX_LINKED_URIS, "progress_uris_over_cap")

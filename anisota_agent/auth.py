@@ -63,6 +63,10 @@ class Credentials(abc.ABC):
         did: the account's DID (the ``repo`` of every write).
         pds_url: the PDS to write to.
         kind: ``"app_password"`` or ``"host"``.
+
+    Every request made for these credentials goes through the ``transport``
+    they were created with (None: httpx's own), unless :meth:`client` is given
+    another.
     """
 
     kind: ClassVar[str]
@@ -85,7 +89,10 @@ class Credentials(abc.ABC):
         timeout: float = 10.0,
         on_response: OnResponse | None = None,
     ) -> XrpcClient:
-        """An :class:`XrpcClient` for :attr:`pds_url` authenticated by these credentials."""
+        """An :class:`XrpcClient` for :attr:`pds_url` authenticated by these credentials.
+
+        ``transport`` None: the one the credentials were created with.
+        """
         return XrpcClient(
             self.pds_url,
             auth=self.httpx_auth(),
@@ -118,8 +125,10 @@ class AppPasswordSession(Credentials):
         token_store: where to persist rotated refresh tokens (None: nowhere).
         access_jwt: a current access token, if known (else the first request
             refreshes).
-        transport, timeout, on_response: for the session's own login, refresh
-            and logout requests, as in :class:`XrpcClient`.
+        transport: every request of the session goes through it: login,
+            refresh, logout, and (by default) the clients of :meth:`client`.
+        timeout, on_response: for the session's own login, refresh and logout
+            requests, as in :class:`XrpcClient`.
     """
 
     kind = "app_password"
@@ -436,6 +445,7 @@ class HostAuth(Credentials):
         did: the account whose repo the agent writes.
         pds_url: that account's PDS.
         handle: for display only.
+        transport: what :meth:`client` sends through (None: httpx's own).
     """
 
     kind = "host"
@@ -447,6 +457,7 @@ class HostAuth(Credentials):
         pds_url: str,
         *,
         handle: str | None = None,
+        transport: httpx.BaseTransport | None = None,
     ) -> None:
         if not isinstance(auth, httpx.Auth):
             raise TypeError(f"auth must be an httpx.Auth, not {type(auth).__name__}")
@@ -456,6 +467,7 @@ class HostAuth(Credentials):
         self.did = did
         self.pds_url = check_pds_url(pds_url)
         self.handle = handle
+        self._transport = transport
 
     def httpx_auth(self) -> httpx.Auth:
         """The host's auth, unchanged."""

@@ -1,4 +1,4 @@
-"""Response timing for the host game's own calls, and suspend detection.
+"""Response timing: how long calls to a service take, and whether they got an answer.
 
 Everything here reports to a sink ``report(elapsed_ms, outcome)`` (the agent
 passes a bound method); ``outcome`` is one of:
@@ -19,7 +19,9 @@ Ways to measure, pick one per client (using two reports every request twice):
   ...)`` / ``httpx.AsyncClient``: time from just before the request is sent to
   the response headers, for every exchange (each redirect hop and auth retry).
   httpx never calls response hooks when the transport raises, so **hooks cannot
-  see network errors**.
+  see network errors**. :class:`ExchangeTimer` is the same timing for a client
+  that catches httpx's transport errors itself and reports them
+  (:meth:`ExchangeTimer.no_answer`), as the agent's XRPC client does.
 - :class:`TimedTransport` / :class:`AsyncTimedTransport` wrap a transport and
   see every exchange including failures. Caveat: httpx builds its default
   transport from the client's ``verify``, ``cert``, ``http2``, ``limits``; pass
@@ -58,6 +60,7 @@ logger = logging.getLogger("anisota_agent")
 __all__ = [
     "START_EXTENSION",
     "AsyncTimedTransport",
+    "ExchangeTimer",
     "Hooks",
     "Report",
     "Timed",
@@ -122,6 +125,44 @@ def _guard(report: Report) -> Report:
 # -- httpx event hooks ------------------------------------------------------------
 
 
+class ExchangeTimer:
+    """Times each httpx exchange from its request hook to its response hook.
+
+    :meth:`hooks` go in ``httpx.Client(event_hooks=...)``; they report each
+    answer's time and :func:`classify_status`. The hooks never hear of a
+    request whose transport raised, so a client that catches
+    ``httpx.TransportError`` around its call reports that call with
+    :meth:`no_answer`, timed from :meth:`start`.
+    """
+
+    def __init__(self, report: Report, *, timer: Timer = perf_counter) -> None:
+        self._sink = _guard(report)
+        self._timer = timer
+
+    def hooks(self) -> Hooks:
+        """The ``event_hooks`` mapping: ``{"request": [...], "response": [...]}``."""
+        return {"request": [self.on_request], "response": [self.on_response]}
+
+    def on_request(self, request: httpx.Request) -> None:
+        """Request hook: note when the exchange began."""
+        request.extensions[START_EXTENSION] = self._timer()
+
+    def on_response(self, response: httpx.Response) -> None:
+        """Response hook: report the time to the headers and the status's outcome."""
+        started = response.request.extensions.get(START_EXTENSION)
+        if started is not None:  # no start: hooks were added while it was in flight
+            self._sink((self._timer() - started) * 1000.0, classify_status(response.status_code))
+
+    def start(self) -> float:
+        """The timer's reading now: pass it to :meth:`no_answer` if the call fails."""
+        return self._timer()
+
+    def no_answer(self, started: float) -> None:
+        """Report a call begun at ``started`` (from :meth:`start`) whose transport
+        raised, as ``network_error``."""
+        self._sink((self._timer() - started) * 1000.0, "network_error")
+
+
 def event_hooks(report: Report, *, timer: Timer = perf_counter) -> Hooks:
     """Hooks for ``httpx.Client(event_hooks=...)`` that time every exchange.
 
@@ -129,30 +170,18 @@ def event_hooks(report: Report, *, timer: Timer = perf_counter) -> Hooks:
     client: ``for name, hooks in event_hooks(r).items(): client.event_hooks[name]
     += hooks``.
     """
-    sink = _guard(report)
-
-    def on_request(request: httpx.Request) -> None:
-        request.extensions[START_EXTENSION] = timer()
-
-    def on_response(response: httpx.Response) -> None:
-        started = response.request.extensions.get(START_EXTENSION)
-        if started is not None:  # no start: hooks were added while it was in flight
-            sink((timer() - started) * 1000.0, classify_status(response.status_code))
-
-    return {"request": [on_request], "response": [on_response]}
+    return ExchangeTimer(report, timer=timer).hooks()
 
 
 def async_event_hooks(report: Report, *, timer: Timer = perf_counter) -> Hooks:
     """The same hooks as :func:`event_hooks`, as coroutines for ``httpx.AsyncClient``."""
-    sink = _guard(report)
+    exchanges = ExchangeTimer(report, timer=timer)
 
     async def on_request(request: httpx.Request) -> None:
-        request.extensions[START_EXTENSION] = timer()
+        exchanges.on_request(request)
 
     async def on_response(response: httpx.Response) -> None:
-        started = response.request.extensions.get(START_EXTENSION)
-        if started is not None:
-            sink((timer() - started) * 1000.0, classify_status(response.status_code))
+        exchanges.on_response(response)
 
     return {"request": [on_request], "response": [on_response]}
 
@@ -339,6 +368,3 @@ def timed(report: Report, *, timer: Timer = perf_counter) -> Timed:
     any other exception: ``server_error``. Exceptions propagate unchanged.
     """
     return Timed(report, timer)
-
-
-# -- suspend detection ---------------------------------------------------------------

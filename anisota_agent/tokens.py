@@ -19,26 +19,30 @@ from typing import Any
 
 __all__ = [
     "KEYRING_ENV",
+    "MAX_TOKEN_FILE_BYTES",
     "SESSION_FILENAME",
     "FileTokenStore",
     "KeyringTokenStore",
     "MemoryTokenStore",
     "TokenStore",
-    "parse_saved",
     "token_store_for",
 ]
 
 logger = logging.getLogger("anisota_agent")
 
-#: A token file bigger than this is not ours.
+#: A saved session (token file or keyring entry) bigger than this is not ours.
 MAX_TOKEN_FILE_BYTES = 64 * 1024
 
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _POSIX = os.name == "posix"
 
 
-def parse_saved(raw: str | bytes, where: str) -> dict[str, Any] | None:
-    """A saved session's JSON object, or None (logged, naming ``where``) if it is not one."""
+def _parse_saved(raw: str | bytes, where: str) -> dict[str, Any] | None:
+    """The saved session in ``raw``: a JSON object of at most
+    :data:`MAX_TOKEN_FILE_BYTES`, or None (logged, naming ``where``) if it is not one.
+
+    What the object holds is the session's business (``auth`` checks it).
+    """
     if len(raw) > MAX_TOKEN_FILE_BYTES:
         logger.error("ignoring %s: too large", where)
         return None
@@ -124,7 +128,7 @@ class FileTokenStore(TokenStore):
             if not self._permissions_safe(handle.fileno()):
                 return None
             raw = handle.read(MAX_TOKEN_FILE_BYTES + 1)
-        return self._parse(raw)
+        return _parse_saved(raw, f"the token file {self.path}")
 
     def _permissions_safe(self, fd: int) -> bool:
         if not _POSIX:
@@ -147,9 +151,6 @@ class FileTokenStore(TokenStore):
             logger.error("refusing the token file %s: cannot make it private: %s", self.path, error)
             return False
         return True
-
-    def _parse(self, raw: bytes) -> dict[str, Any] | None:
-        return parse_saved(raw, f"the token file {self.path}")
 
     def save(self, data: dict[str, Any]) -> None:
         """Atomically replace the file with ``data`` (mode 0600).
@@ -231,7 +232,7 @@ class KeyringTokenStore(TokenStore):
             return None
         if raw is None:
             return None
-        return parse_saved(raw, f"the keyring entry {self.service}")
+        return _parse_saved(raw, f"the keyring entry {self.service}")
 
     def save(self, data: dict[str, Any]) -> None:
         """Store ``data`` as one JSON secret."""

@@ -35,7 +35,7 @@ import httpx
 from ._version import __version__
 from .checks import check_pds_url
 from .records import to_json
-from .timing import classify_status
+from .timing import ExchangeTimer
 
 __all__ = [
     "DEFAULT_RETRY_AFTER",
@@ -350,8 +350,9 @@ class XrpcClient:
         timeout: seconds allowed for each phase (connect, write, read, pool) of a
             request; a per-call ``timeout`` overrides it.
         on_response: called as ``on_response(elapsed_ms, outcome)`` after every HTTP
-            exchange (see :func:`~anisota_agent.timing.classify_status`); it
-            must be quick and must not raise.
+            exchange (timed by :class:`~anisota_agent.timing.ExchangeTimer`), and
+            with ``network_error`` for every call that got no usable answer; it
+            must be quick. If it raises, the call goes on (the error is logged).
 
     Not for the game's thread: every method blocks on the network.
     """
@@ -367,20 +368,25 @@ class XrpcClient:
     ) -> None:
         self.base_url = check_pds_url(base_url)
         self._auth = auth
-        self._on_response = on_response
+        #: Times every exchange for ``on_response``; None when nobody listens.
+        self._timing = ExchangeTimer(on_response) if on_response is not None else None
         #: The latest rate-limit headers seen, from any response.
         self.last_rate_limit: RateLimit | None = None
         #: The server's clock (Unix seconds) from the latest ``Date`` header.
         self.server_date: float | None = None
         #: ``server_date`` minus the local clock when it arrived (seconds, ±1).
         self.clock_skew: float | None = None
+        hooks = (
+            self._timing.hooks() if self._timing is not None else {"request": [], "response": []}
+        )
+        hooks["response"].append(self._observe)
         self._client = httpx.Client(
             base_url=self.base_url,
             transport=transport,
             timeout=timeout,
             headers={"User-Agent": _user_agent()},
             follow_redirects=False,
-            event_hooks={"request": [self._on_request_hook], "response": [self._on_response_hook]},
+            event_hooks=hooks,
         )
 
     # -- lifecycle ------------------------------------------------------------
@@ -540,7 +546,7 @@ class XrpcClient:
     ) -> JsonDict:
         content = None if body is None else encode_json(body, nsid)
         headers = {} if content is None else {"Content-Type": "application/json"}
-        began = time.perf_counter()
+        began = self._timing.start() if self._timing is not None else 0.0
         try:
             response = self._client.request(
                 method,
@@ -561,19 +567,17 @@ class XrpcClient:
         return _json_object(response, nsid)
 
     def _transport_failed(self, nsid: str, failure: httpx.TransportError, began: float) -> NoReturn:
-        self._notify((time.perf_counter() - began) * 1000, "network_error")
+        # Also after an answer whose body then failed to arrive: the call as a
+        # whole got no usable answer, and the hooks never report that.
+        if self._timing is not None:
+            self._timing.no_answer(began)
         kind = type(failure).__name__
         logger.debug("%s failed: %s: %s", nsid, kind, failure)
         raise NetworkError(f"{kind}: {failure}" if str(failure) else kind, nsid=nsid) from failure
 
-    # httpx event hooks: they see every exchange, including an auth flow's retry.
-
-    def _on_request_hook(self, request: httpx.Request) -> None:
-        request.extensions["anisota_began"] = time.perf_counter()
-
-    def _on_response_hook(self, response: httpx.Response) -> None:
-        began = response.request.extensions.get("anisota_began")
-        elapsed_ms = (time.perf_counter() - began) * 1000 if isinstance(began, float) else 0.0
+    def _observe(self, response: httpx.Response) -> None:
+        """Response hook: every answer, an auth flow's resend too, updates the
+        rate limit and the server's clock."""
         rate_limit = parse_rate_limit(response.headers)
         if rate_limit is not None:
             self.last_rate_limit = rate_limit
@@ -581,15 +585,6 @@ class XrpcClient:
         if server_date is not None:
             self.server_date = server_date
             self.clock_skew = server_date - time.time()
-        self._notify(elapsed_ms, classify_status(response.status_code))
-
-    def _notify(self, elapsed_ms: float, outcome: str) -> None:
-        if self._on_response is None:
-            return
-        try:
-            self._on_response(elapsed_ms, outcome)
-        except Exception:  # a monitor's bug must not fail a sync
-            logger.exception("on_response callback failed")
 
 
 def _json_object(response: httpx.Response, nsid: str) -> JsonDict:
