@@ -85,9 +85,9 @@ START_EXTENSION = "anisota_agent.timing.start"
 #: Statuses below 500 that are failures of the service rather than answers.
 _SERVER_ERROR_4XX = frozenset({408, 429})
 
-F = TypeVar("F", bound=Callable[..., Any])
-T = TypeVar("T", bound="TimedTransport")
-AT = TypeVar("AT", bound="AsyncTimedTransport")
+_F = TypeVar("_F", bound=Callable[..., Any])
+_T = TypeVar("_T", bound="TimedTransport")
+_AT = TypeVar("_AT", bound="AsyncTimedTransport")
 
 
 def classify_status(status_code: int) -> str:
@@ -223,7 +223,7 @@ class TimedTransport(httpx.BaseTransport):
         """Close the inner transport."""
         self._inner.close()
 
-    def __enter__(self: T) -> T:
+    def __enter__(self: _T) -> _T:
         self._inner.__enter__()
         return self
 
@@ -266,7 +266,7 @@ class AsyncTimedTransport(httpx.AsyncBaseTransport):
         """Close the inner transport."""
         await self._inner.aclose()
 
-    async def __aenter__(self: AT) -> AT:
+    async def __aenter__(self: _AT) -> _AT:
         await self._inner.__aenter__()
         return self
 
@@ -321,7 +321,7 @@ class Timed:
     ) -> None:
         self.__exit__(exc_type, exc, tb)
 
-    def __call__(self, func: F) -> F:
+    def __call__(self, func: _F) -> _F:
         """Decorate ``func`` (sync or async) so that each call is timed."""
         if inspect.iscoroutinefunction(func):
 
@@ -336,7 +336,7 @@ class Timed:
                 self._finish(started, None)
                 return result
 
-            return cast(F, timed_coroutine)
+            return cast(_F, timed_coroutine)
 
         @functools.wraps(func)
         def timed_call(*args: Any, **kwargs: Any) -> Any:
@@ -349,7 +349,7 @@ class Timed:
             self._finish(started, None)
             return result
 
-        return cast(F, timed_call)
+        return cast(_F, timed_call)
 
     def _finish(self, started: float, error: BaseException | None) -> float:
         """Report the call that began at ``started``; return its elapsed ms."""

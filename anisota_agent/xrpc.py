@@ -40,6 +40,7 @@ from .timing import ExchangeTimer
 __all__ = [
     "DEFAULT_RETRY_AFTER",
     "MAX_APPLY_WRITES",
+    "UNSET",
     "AccountUnavailable",
     "ExpiredToken",
     "Forbidden",
@@ -622,7 +623,8 @@ class _Bearer(httpx.Auth):
 
 
 def encode_json(value: Any, nsid: str | None = None) -> bytes:
-    """``value`` as the client sends it: compact UTF-8 JSON.
+    """``value`` as the client sends it: :func:`~anisota_agent.records.to_json`,
+    the record encoding (compact, ASCII with other characters escaped).
 
     ``len(encode_json(batch))`` is what counts against the PDS's request size
     limit (1,000,000 bytes on the reference PDS).

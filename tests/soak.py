@@ -609,6 +609,7 @@ def _store_detail(row: dict[str, Any] | None) -> dict[str, Any] | None:
         "attempts",
         "last_error",
         "checkpointed_at",
+        "awaiting_login",
     )
     return {k: row[k] for k in keep if k in row}
 

@@ -2,7 +2,9 @@
 
 Logins, refreshes, revocation, deactivation and logout all run against the
 reference PDS; requests are counted with a real transport that tallies XRPC
-methods, to prove "exactly one refresh" and "no retry loop".
+methods, to prove "exactly one refresh" and "no retry loop". A scripted PDS on
+``httpx.MockTransport`` proves that every request of the credentials goes
+through the transport they were given.
 """
 
 from __future__ import annotations
@@ -34,8 +36,12 @@ from anisota_agent.xrpc import (
 )
 
 TIDS = TidGenerator()
+CREATE = "com.atproto.server.createSession"
 REFRESH = "com.atproto.server.refreshSession"
+DELETE = "com.atproto.server.deleteSession"
 PUT = "com.atproto.repo.putRecord"
+SCRIPTED_PDS = "https://pds.example.com"
+SCRIPTED_DID = "did:plc:scripted"
 
 
 class CountingTransport(httpx.HTTPTransport):
@@ -50,6 +56,64 @@ class CountingTransport(httpx.HTTPTransport):
         with self._lock:
             self.calls[request.url.path.removeprefix("/xrpc/")] += 1
         return super().handle_request(request)
+
+
+class ScriptedPds:
+    """The few PDS methods a session uses, played by an ``httpx.MockTransport``.
+
+    Tokens are numbered: the PDS accepts only the latest access and refresh
+    JWT, and :meth:`expire_access` makes the current access token expired, as
+    the reference PDS says it: 400 ``ExpiredToken``. ``seen`` lists the XRPC
+    methods called, in order; a method in ``cut`` fails to connect.
+    """
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+        self.generation = 0
+        self.expired = False
+        self.revoked: list[str] = []
+        self.cut: set[str] = set()
+        self.transport = httpx.MockTransport(self.handle)
+
+    def expire_access(self) -> None:
+        self.expired = True
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        nsid = request.url.path.removeprefix("/xrpc/")
+        self.seen.append(nsid)
+        if nsid in self.cut:
+            raise httpx.ConnectError("the test cut this method", request=request)
+        token = request.headers.get("authorization", "").removeprefix("Bearer ")
+        if nsid == CREATE:
+            assert json.loads(request.content) == {"identifier": "me.test", "password": "pw"}
+            return self._new_tokens()
+        if nsid == REFRESH:
+            if token != f"refresh-{self.generation}":
+                return httpx.Response(400, json={"error": "ExpiredToken", "message": "revoked"})
+            return self._new_tokens()
+        if nsid == DELETE:
+            self.revoked.append(token)
+            return httpx.Response(200)
+        if nsid == PUT:
+            if self.expired or token != f"access-{self.generation}":
+                return httpx.Response(400, json={"error": "ExpiredToken", "message": "expired"})
+            rkey = json.loads(request.content)["rkey"]
+            uri = f"at://{SCRIPTED_DID}/{SESSION_COLLECTION}/{rkey}"
+            return httpx.Response(200, json={"uri": uri, "cid": "bafy"})
+        return httpx.Response(400, json={"error": "MethodNotImplemented"})
+
+    def _new_tokens(self) -> httpx.Response:
+        self.generation += 1
+        self.expired = False
+        return httpx.Response(
+            200,
+            json={
+                "did": SCRIPTED_DID,
+                "handle": "me.test",
+                "accessJwt": f"access-{self.generation}",
+                "refreshJwt": f"refresh-{self.generation}",
+            },
+        )
 
 
 def record() -> dict[str, Any]:
@@ -373,6 +437,85 @@ def test_from_store_ignores_unknown_data(data: dict[str, Any]) -> None:
     assert AppPasswordSession.from_store(store) is None
 
 
+# -- every request through the transport the credentials were given ------------------
+
+
+def write_through_default_client(credentials: AppPasswordSession | HostAuth) -> None:
+    """One ``putRecord`` through ``credentials.client()``, given no transport."""
+    with credentials.client() as xrpc:
+        xrpc.put_record(credentials.did, SESSION_COLLECTION, TIDS.next(), record())
+
+
+def test_every_request_of_a_login_goes_through_its_transport() -> None:
+    pds, store = ScriptedPds(), MemoryTokenStore()
+    outcomes: list[str] = []
+    session = AppPasswordSession.login(
+        SCRIPTED_PDS,
+        "me.test",
+        "pw",
+        store,
+        transport=pds.transport,
+        on_response=lambda _ms, outcome: outcomes.append(outcome),
+    )
+    assert pds.seen == [CREATE] and session.did == SCRIPTED_DID
+
+    write_through_default_client(session)
+    assert pds.seen == [CREATE, PUT]
+
+    pds.expire_access()  # the PDS refuses the access token; the session refreshes
+    write_through_default_client(session)
+    assert pds.seen == [CREATE, PUT, PUT, REFRESH, PUT]
+    saved = store.load()
+    assert saved is not None and saved["refresh_jwt"] == "refresh-2"
+
+    session.logout()
+    assert pds.seen == [CREATE, PUT, PUT, REFRESH, PUT, DELETE]
+    assert pds.revoked == ["refresh-2"] and store.load() is None
+    assert outcomes == ["ok", "ok", "ok"]  # the session's own createSession, refresh, logout
+
+
+def test_every_request_of_a_resumed_session_goes_through_its_transport() -> None:
+    pds, store = ScriptedPds(), MemoryTokenStore()
+    AppPasswordSession.login(SCRIPTED_PDS, "me.test", "pw", store, transport=pds.transport).close()
+
+    resumed = AppPasswordSession.from_store(store, transport=pds.transport)
+    assert resumed is not None
+    write_through_default_client(resumed)  # no access token yet: refresh, then write
+    assert pds.seen == [CREATE, REFRESH, PUT]
+    resumed.logout()
+    assert pds.seen == [CREATE, REFRESH, PUT, DELETE] and pds.revoked == ["refresh-2"]
+
+
+def test_a_refresh_cut_in_the_transport_is_retried_on_the_next_write() -> None:
+    pds = ScriptedPds()
+    session = AppPasswordSession.login(SCRIPTED_PDS, "me.test", "pw", None, transport=pds.transport)
+    pds.expire_access()
+    pds.cut.add(REFRESH)
+    with pytest.raises(NetworkError) as caught:
+        write_through_default_client(session)
+    assert caught.value.nsid == REFRESH and not session.revoked
+    pds.cut.clear()
+    write_through_default_client(session)
+    assert pds.seen == [CREATE, PUT, REFRESH, PUT, REFRESH, PUT]
+
+
+def test_host_auth_sends_through_its_transport() -> None:
+    pds = ScriptedPds()
+    pds.generation = 7
+    host = HostAuth(Bearer("access-7"), SCRIPTED_DID, SCRIPTED_PDS, transport=pds.transport)
+    write_through_default_client(host)
+    assert pds.seen == [PUT]
+
+
+def test_a_transport_given_to_client_wins() -> None:
+    given, other = ScriptedPds(), ScriptedPds()
+    given.generation = other.generation = 1
+    host = HostAuth(Bearer("access-1"), SCRIPTED_DID, SCRIPTED_PDS, transport=given.transport)
+    with host.client(transport=other.transport) as xrpc:
+        xrpc.put_record(host.did, SESSION_COLLECTION, TIDS.next(), record())
+    assert (given.seen, other.seen) == ([], [PUT])
+
+
 # -- host-supplied auth ---------------------------------------------------------------------
 
 
@@ -461,6 +604,17 @@ def test_keyring_store_with_a_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     store.clear()
     store.clear()
     assert store.load() is None
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", "x" * 70_000])
+def test_keyring_store_ignores_garbage(
+    monkeypatch: pytest.MonkeyPatch, content: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    secrets = fake_keyring(monkeypatch)
+    secrets[("anisota-test", "session")] = content
+    with caplog.at_level(logging.ERROR, logger="anisota_agent"):
+        assert KeyringTokenStore("anisota-test").load() is None
+    assert "ignoring the keyring entry anisota-test" in caplog.text
 
 
 def test_keyring_store_without_keyring(monkeypatch: pytest.MonkeyPatch) -> None:

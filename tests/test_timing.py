@@ -16,6 +16,7 @@ from anisota_agent.network import NetworkMonitor
 from anisota_agent.timing import (
     START_EXTENSION,
     AsyncTimedTransport,
+    ExchangeTimer,
     Hooks,
     TimedTransport,
     async_event_hooks,
@@ -249,6 +250,36 @@ def test_a_failing_sink_never_breaks_the_request(caplog: pytest.LogCaptureFixtur
     ours = [r for r in caplog.records if r.name == "anisota_agent"]
     assert [r.levelno for r in ours] == [logging.ERROR, logging.DEBUG, logging.DEBUG]
     assert "sink bug" in caplog.text
+
+
+def test_exchange_timer_reports_answers_and_the_calls_that_got_none() -> None:
+    reports, timer = Reports(), FakeTimer()
+    exchanges = ExchangeTimer(reports, timer=timer)
+    refused = failing_transport(httpx.ConnectError("refused"))
+    with (
+        httpx.Client(transport=mock_transport(timer, 0.5), event_hooks=exchanges.hooks()) as ok,
+        httpx.Client(transport=refused, event_hooks=exchanges.hooks()) as cut,
+    ):
+        ok.get("http://game.test/500")
+        started = exchanges.start()
+        try:
+            timer.t += 0.75
+            cut.get("http://game.test/200")
+        except httpx.TransportError:
+            exchanges.no_answer(started)
+    assert reports.calls == [(500.0, "server_error"), (750.0, "network_error")]
+
+
+def test_exchange_timer_guards_its_sink(caplog: pytest.LogCaptureFixture) -> None:
+    def broken(elapsed_ms: float, outcome: str) -> None:
+        raise RuntimeError("sink bug")
+
+    exchanges = ExchangeTimer(broken)
+    with caplog.at_level(logging.DEBUG, logger="anisota_agent"):
+        exchanges.no_answer(exchanges.start())
+        exchanges.no_answer(exchanges.start())
+    ours = [r for r in caplog.records if r.name == "anisota_agent"]
+    assert [r.levelno for r in ours] == [logging.ERROR, logging.DEBUG]
 
 
 # --- transports -----------------------------------------------------------------------------

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import email.utils
 import json
+import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import httpx
@@ -575,9 +576,81 @@ def test_refused_before_sending() -> None:
     assert sent == []
 
 
-def test_a_failing_on_response_does_not_fail_the_call() -> None:
+def test_a_failing_on_response_does_not_fail_the_call(caplog: pytest.LogCaptureFixture) -> None:
     def broken(_ms: float, _outcome: str) -> None:
         raise RuntimeError("monitor bug")
 
-    with mock_client(lambda _r: answer(200, {"version": "x"}), on_response=broken) as xrpc:
+    with (
+        caplog.at_level(logging.DEBUG, logger="anisota_agent"),
+        mock_client(lambda _r: answer(200, {"version": "x"}), on_response=broken) as xrpc,
+    ):
         assert xrpc.health() == {"version": "x"}
+        assert xrpc.health() == {"version": "x"}
+    failures = [r.levelno for r in caplog.records if "sink failed" in r.getMessage()]
+    assert failures == [logging.ERROR, logging.DEBUG]  # one traceback, then quieter
+
+
+class _BreaksMidBody(httpx.SyncByteStream):
+    def __iter__(self) -> Iterator[bytes]:
+        yield b'{"vers'
+        raise httpx.ReadError("connection reset mid-body")
+
+
+def test_an_answer_whose_body_is_cut_is_a_network_error() -> None:
+    seen: list[str] = []
+
+    def handler(_request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=_BreaksMidBody())
+
+    with (
+        mock_client(handler, on_response=lambda _ms, out: seen.append(out)) as xrpc,
+        pytest.raises(NetworkError) as caught,
+    ):
+        xrpc.health()
+    assert caught.value.ambiguous and caught.value.status is None
+    # The headers came (the hook saw them); the call as a whole got no usable answer.
+    assert seen == ["ok", "network_error"]
+
+
+class _ResendOnce(httpx.Auth):
+    """Sends a request, then resends it once with a second token."""
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["Authorization"] = "Bearer first"
+        yield request
+        request.headers["Authorization"] = "Bearer second"
+        yield request
+
+
+@pytest.mark.parametrize(
+    ("second", "outcomes"),
+    [
+        (answer(200, {"did": "did:plc:x"}), ["server_error", "ok"]),
+        (None, ["server_error", "network_error"]),
+    ],
+    ids=["answered", "cut"],
+)
+def test_each_exchange_of_an_auth_flow_is_reported(
+    second: httpx.Response | None, outcomes: list[str]
+) -> None:
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.headers["authorization"] == "Bearer first":
+            return answer(503, {"error": "ServiceUnavailable"})
+        if second is None:
+            raise httpx.ConnectError("refused", request=request)
+        return second
+
+    with XrpcClient(
+        "https://pds.example.com",
+        auth=_ResendOnce(),
+        transport=httpx.MockTransport(handler),
+        on_response=lambda _ms, out: seen.append(out),
+    ) as xrpc:
+        if second is None:
+            with pytest.raises(NetworkError):
+                xrpc.get_session()
+        else:
+            assert xrpc.get_session() == {"did": "did:plc:x"}
+    assert seen == outcomes
