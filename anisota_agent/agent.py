@@ -31,7 +31,7 @@ from .checks import (
     check_text,
 )
 from .clock import Clock, SystemClock
-from .network import NetworkMonitor, Transition
+from .network import OUTCOMES, NetworkMonitor, Transition
 from .records import (
     AUTHENTICATION_METHODS,
     ENTRY_POINTS,
@@ -44,6 +44,7 @@ from .records import (
     MAX_LINKED_URIS,
     MAX_PAGES,
     MAX_REFERRER_LEN,
+    MAX_REQUEST_MS,
     MAX_RESPONSE_MS,
     MAX_ROUTE_LEN,
     MAX_XP,
@@ -620,14 +621,17 @@ class Agent:
     def report_request(self, elapsed_ms: float, outcome: str) -> None:
         """Record one of the game's own requests: its time and how it ended.
 
-        ``outcome``: ``ok`` (an answer), ``server_error`` (5xx, 408, 429) or
-        ``network_error`` (no answer). It counts as a measured response of the
+        ``elapsed_ms``: 0 to 86,400,000 (a day; the record keeps at most an
+        hour). ``outcome``: ``ok`` (an answer), ``server_error`` (5xx, 408, 429)
+        or ``network_error`` (no answer). It counts as a measured response of the
         live session (anything but ``ok`` is an error) and informs the network
         condition, but is not player activity: a game polling its API in the
         background still goes inactive. The timing helpers below call it for you.
         """
         with self._refusals():
-            self._network.observe_request(elapsed_ms, outcome)  # validates both
+            check_number("elapsed_ms", elapsed_ms, 0, MAX_REQUEST_MS)
+            check_choice("outcome", outcome, OUTCOMES)
+        self._network.observe_request(elapsed_ms, outcome)
         with self._lock:
             self._book.count_response(min(elapsed_ms, MAX_RESPONSE_MS), outcome == "ok")
 

@@ -8,6 +8,8 @@ slower work of building the message runs only for a bad value.
 
 from __future__ import annotations
 
+from .syntax import MAX_DID_LEN, is_did, is_record_uri
+
 __all__ = [
     "MAX_URI_LEN",
     "check_at_uri",
@@ -22,30 +24,68 @@ __all__ = [
     "check_seconds",
     "check_text",
     "is_loopback_host",
+    "shown",
 ]
 
 #: The longest at-uri a session links (its own collection and a TID make ~100).
 MAX_URI_LEN = 200
-#: The longest DID accepted (the DID spec allows up to 2 KB).
-MAX_DID_LEN = 2048
+#: How much of a bad value a message shows: a 10 MB string must not become a
+#: 10 MB message (nor cost the game's thread the time to build one).
+_SHOWN_CHARS = 40
+
+
+def shown(value: object) -> str:
+    """A short, safe rendering of a bad value for an error message."""
+    if isinstance(value, str):
+        if len(value) <= _SHOWN_CHARS:
+            return repr(value)
+        return f"{value[:_SHOWN_CHARS]!r}... ({len(value):,} characters)"
+    if isinstance(value, int) and value.bit_length() > 64:
+        # str() of a huge int is slow, and refused past 4,300 digits.
+        return f"an int of {value.bit_length():,} bits"
+    if value is None or isinstance(value, (bool, int, float)):
+        return repr(value)
+    return f"a {type(value).__name__}"
+
+
+def _bound(number: float) -> str:
+    """A bound as a message shows it: 86,400,000 and 0.5, not 8.64e+07."""
+    return f"{int(number):,}" if float(number).is_integer() else f"{number:g}"
 
 
 def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
-    """Return ``value`` if it is one of ``allowed``, else raise naming the field."""
+    """Return ``value`` if it is one of ``allowed``, else raise naming the field.
+
+    Comparing a str compares lengths first, so a huge value is refused as fast as
+    a short one; only its message costs more, and :func:`shown` cuts it.
+    """
     if type(value) is str and value in allowed:
         return value
     if not isinstance(value, str):
-        raise TypeError(f"{name} must be a str, one of {', '.join(allowed)}; got {value!r}")
-    raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        raise TypeError(f"{name} must be a str, one of {', '.join(allowed)}; got {shown(value)}")
+    raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {shown(value)}")
 
 
 def check_text(name: str, value: object, max_len: int) -> str:
-    """Return a non-empty ``str`` of at most ``max_len`` characters, else raise."""
-    if type(value) is str and 0 < len(value) <= max_len:
+    """Return a non-empty ``str`` of at most ``max_len`` characters, else raise.
+
+    The text must be one UTF-8 can carry: a lone surrogate (``"\\ud800"``) has no
+    encoding, and would fail the record's checkpoint and upload later.
+    """
+    # isascii() reads a flag of the str: ASCII text needs no encoding check.
+    if type(value) is str and 0 < len(value) <= max_len and value.isascii():
         return value
     if type(value) is not str:
         raise TypeError(f"{name} must be a str; got {type(value).__name__}")
-    raise ValueError(f"{name} must be 1 to {max_len} characters; got {len(value)}")
+    if not 0 < len(value) <= max_len:
+        raise ValueError(f"{name} must be 1 to {max_len:,} characters; got {len(value):,}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"{name} must be text UTF-8 can encode; got a lone surrogate at {error.start}"
+        ) from None
+    return value
 
 
 def check_int(name: str, value: object, minimum: int, maximum: int) -> int:
@@ -54,7 +94,7 @@ def check_int(name: str, value: object, minimum: int, maximum: int) -> int:
         return value
     if type(value) is not int:
         raise TypeError(f"{name} must be an int; got {type(value).__name__}")
-    raise ValueError(f"{name} must be between {minimum} and {maximum}; got {value}")
+    raise ValueError(f"{name} must be between {minimum:,} and {maximum:,}; got {shown(value)}")
 
 
 def check_number(name: str, value: object, minimum: float, maximum: float) -> float:
@@ -67,7 +107,9 @@ def check_number(name: str, value: object, minimum: float, maximum: float) -> fl
             return value
     else:
         raise TypeError(f"{name} must be an int or float; got {type(value).__name__}")
-    raise ValueError(f"{name} must be between {minimum:g} and {maximum:g}; got {value!r}")
+    raise ValueError(
+        f"{name} must be between {_bound(minimum)} and {_bound(maximum)}; got {shown(value)}"
+    )
 
 
 def check_seconds(name: str, value: object, minimum: float, maximum: float) -> float:
@@ -76,7 +118,9 @@ def check_seconds(name: str, value: object, minimum: float, maximum: float) -> f
         raise TypeError(f"{name} must be a number of seconds; got {type(value).__name__}")
     seconds = float(value)  # type: ignore[arg-type]
     if not minimum <= seconds <= maximum:
-        raise ValueError(f"{name} must be between {minimum:g} and {maximum:g} s; got {value!r}")
+        raise ValueError(
+            f"{name} must be between {_bound(minimum)} and {_bound(maximum)} s; got {shown(value)}"
+        )
     return seconds
 
 
@@ -109,19 +153,25 @@ def check_optional_bool(name: str, value: object) -> bool | None:
 
 
 def check_at_uri(name: str, value: object) -> str:
-    """Return an ``at://`` uri of at most :data:`MAX_URI_LEN` characters, else raise."""
-    if type(value) is str and 6 <= len(value) <= MAX_URI_LEN and value[:5] == "at://":
+    """Return the at-uri of a record (``at://did/collection/rkey``), else raise.
+
+    At most :data:`MAX_URI_LEN` characters, in the atproto syntax (see
+    :func:`~anisota_agent.syntax.is_record_uri`).
+    """
+    if type(value) is str and len(value) <= MAX_URI_LEN and is_record_uri(value):
         return value
     uri = check_text(name, value, MAX_URI_LEN)
-    raise ValueError(f"{name} must be an at:// uri; got {uri!r}")
+    raise ValueError(
+        f"{name} must be a record's at-uri, at://<did or handle>/<collection NSID>/<record key>;"
+        f" got {shown(uri)}"
+    )
 
 
 def check_did(name: str, value: object) -> str:
-    """Return a DID (``did:<method>:<id>``), else raise naming the field."""
+    """Return a DID in atproto's syntax (``did:<method>:<id>``), else raise naming the field."""
     did = check_text(name, value, MAX_DID_LEN)
-    method, _, rest = did.removeprefix("did:").partition(":")
-    if not did.startswith("did:") or not method.isalnum() or not method.islower() or not rest:
-        raise ValueError(f"{name} must be a DID like did:plc:… or did:web:…; got {did!r}")
+    if not is_did(did):
+        raise ValueError(f"{name} must be a DID like did:plc:... or did:web:...; got {shown(did)}")
     return did
 
 
@@ -146,20 +196,21 @@ def check_pds_url(url: object) -> str:
 
     Raises:
         TypeError: not a str.
-        ValueError: another scheme, plain http to a remote host, a URL with
-            credentials, a query or a fragment.
+        ValueError: empty, over 2,048 characters, not UTF-8 text, another
+            scheme, plain http to a remote host, a URL with credentials, a
+            query or a fragment.
     """
     from urllib.parse import urlsplit
 
-    if not isinstance(url, str):
-        raise TypeError(f"pds_url must be a str, not {type(url).__name__}")
-    parts = urlsplit(url.strip())
+    text = check_text("pds_url", url, 2048).strip()
+    parts = urlsplit(text)
     if parts.scheme not in ("https", "http") or not parts.hostname:
-        raise ValueError(f"pds_url must be https://host; got {url!r}")
+        raise ValueError(f"pds_url must be https://host; got {shown(text)}")
     if parts.scheme == "http" and not is_loopback_host(parts.hostname):
         raise ValueError(
-            f"pds_url: refusing plain http to a non-loopback PDS ({parts.hostname}): use https"
+            f"pds_url: refusing plain http to a non-loopback PDS"
+            f" ({shown(parts.hostname)}): use https"
         )
     if parts.username or parts.password or parts.query or parts.fragment:
         raise ValueError("pds_url must not carry credentials, a query or a fragment")
-    return url.strip().rstrip("/")
+    return text.rstrip("/")

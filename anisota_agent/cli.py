@@ -129,9 +129,6 @@ def _print_store_status(store: Store, out: TextIO) -> None:
     out.write(f"store:    {store.path}\n")
     counts = store.outbox_counts()
     out.write("sessions: " + ", ".join(f"{name} {count}" for name, count in counts.items()) + "\n")
-    unattributed = store.unattributed_count()
-    if unattributed:
-        out.write(f"          ({unattributed} pending recorded without an account: kept local)\n")
     losses = store.counters()
     lost = ", ".join(f"{name} {value}" for name, value in sorted(losses.items())) or "none"
     out.write(f"dropped:  {lost}\n")

@@ -134,6 +134,15 @@ def m003_bounds(db: Database) -> None:
     )
 
 
+@migrations()
+def m004_local(db: Database) -> None:
+    """The ``local`` outbox state: ended with no account and no login awaited, never uploaded."""
+    db.execute(
+        "UPDATE sessions SET outbox = 'local'"
+        " WHERE outbox = 'pending' AND did IS NULL AND awaiting_login IS NULL"
+    )
+
+
 def apply(conn: sqlite3.Connection) -> None:
     """Apply the pending migrations on ``conn`` (inside the caller's transaction).
 

@@ -241,15 +241,17 @@ class Recorder:
                 return wrote_final
         return False
 
-    def _attribute(self, tag: str, did: str) -> None:
+    def _attribute(self, tag: str, did: str | None) -> None:
         assert self.store is not None
         try:
             moved = self.store.attribute(tag, did)
         except Exception as failure:
-            logger.error("cannot attribute sessions to %s: %s", did, failure)
+            logger.error("cannot attribute sessions to %s: %s", did or "no account", failure)
             return
-        if moved:
+        if moved and did is not None:
             logger.info("%d session(s) recorded during a login now belong to %s", moved, did)
+        elif moved:
+            logger.info("%d session(s) recorded during a failed login stay local", moved)
 
     def _save(self, state: SessionState, now_mono_ns: int, final: bool) -> None:
         """Write one session; raises :class:`_DiskFault` when the file failed."""

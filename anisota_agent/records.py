@@ -30,6 +30,7 @@ __all__ = [
     "MAX_PAGES",
     "MAX_REFERRER_LEN",
     "MAX_RELATED_SESSIONS",
+    "MAX_REQUEST_MS",
     "MAX_RESPONSE_MS",
     "MAX_ROUTE_LEN",
     "MAX_XP",
@@ -73,6 +74,8 @@ MAX_LINKED_URIS = 16
 MAX_RELATED_SESSIONS = 16
 MAX_COUNT_PER_CALL = 1_000_000
 MAX_RESPONSE_MS = 3_600_000
+#: The longest request :meth:`Agent.report_request` takes (a day): kept as MAX_RESPONSE_MS.
+MAX_REQUEST_MS = 86_400_000
 MAX_XP = 2**53 - 1
 MAX_LEVEL = 1_000_000
 
@@ -207,10 +210,14 @@ class SessionState:
         if not ok:
             self.error_count += 1
 
-    def attribute(self, tag: str, did: str) -> None:
-        """Give the session to ``did`` if it was recorded under the login tagged ``tag``."""
+    def attribute(self, tag: str, did: str | None) -> None:
+        """Give the session to ``did`` if it was recorded under the login tagged ``tag``.
+
+        None: that login failed; the session awaits it no more (no account's).
+        """
         if self.did is None and self.awaiting_login == tag:
             self.did = did
+            self.awaiting_login = None
 
     def finish(self, status: str, reason: str, mono_ns: int) -> None:
         """Mark the session ended at ``mono_ns`` (never before its start)."""

@@ -35,8 +35,9 @@ class Collected(NamedTuple):
     live: SessionState | None
     #: Sessions ended since, oldest first.
     finished: list[SessionState]
-    #: (login tag, did): sessions recorded under that login belong to ``did``.
-    attributions: list[tuple[str, str]]
+    #: (login tag, did): sessions recorded under that login belong to ``did``
+    #: (None: the login failed, they belong to no account).
+    attributions: list[tuple[str, str | None]]
     #: Calls refused or cut short since, by kind.
     dropped: dict[str, int]
     #: The monotonic instant of the collection (the records' ``updatedAt``).
@@ -87,7 +88,7 @@ class SessionBook:
         #: resumed at start): sessions recorded meanwhile carry it and belong to the
         #: account it yields (see :attr:`SessionState.awaiting_login`).
         self.awaiting: str | None = None
-        self._attributions: list[tuple[str, str]] = []
+        self._attributions: list[tuple[str, str | None]] = []
 
     # -- beginning and ending --------------------------------------------------
 
@@ -150,7 +151,8 @@ class SessionBook:
         if session is None:
             return False
         if now_ns > session.expires_mono_ns:
-            self.end("expired", "timeout", now_ns)
+            # As recovery dates a crashed one: the last activity is the last sure fact.
+            self.end("expired", "timeout", session.last_activity_mono_ns)
         elif (
             now_ns - session.last_activity_mono_ns > self._idle_ns
             or self._wall() - now_ns > session.asleep_offset_ns
@@ -249,16 +251,20 @@ class SessionBook:
 
         Every session recorded under it is that account's, wherever it is by
         now: live, finished here, or already collected (the attribution goes to
-        the recorder with the next :meth:`collect`).
+        the recorder with the next :meth:`collect`). When it failed they await
+        nothing any more: no account's, they stay local.
         """
         if self.awaiting == tag:
             self.awaiting = None
-        if did is None:
-            return
         self._attributions.append((tag, did))
         for state in self._finished:
             state.attribute(tag, did)
-        self._set_account(did)
+        session = self.live
+        if did is not None:
+            self._set_account(did)
+        elif session is not None and session.awaiting_login == tag:
+            session.attribute(tag, None)
+            self._dirty = True
 
     def logged_out(self) -> None:
         """No account from now on (end the live session first)."""

@@ -64,12 +64,17 @@ logger = logging.getLogger("anisota_agent")
 
 DB_FILENAME = "agent.sqlite3"
 
-#: Outbox states. ``live``: being recorded by its owner, not queued yet.
-OUTBOX_STATES = ("live", "pending", "synced", "quarantined")
+#: Outbox states. ``live``: being recorded by its owner, not queued yet;
+#: ``pending``: ended, waiting for its sync (or for the login it was recorded
+#: under); ``local``: ended with no account and no login awaited, never
+#: uploaded; ``synced``: on the PDS; ``quarantined``: refused, kept with its error.
+OUTBOX_STATES = ("live", "pending", "local", "synced", "quarantined")
 #: What goes first when the store is over its size, and the loss it counts as.
 PRUNE_ORDER = (
     ("synced", None),
     ("quarantined", "pruned_quarantined"),
+    # Before the pending ones: those may still reach the PDS, these never will.
+    ("local", "pruned_unsynced"),
     ("pending", "pruned_unsynced"),
 )
 #: Outbox states a corrupt file's sessions are salvaged from: all but ``synced``
@@ -85,12 +90,15 @@ MIGRATION_SET = "anisota_agent"
 #: The names of its migrations, in order, as :mod:`anisota_agent.migrations`
 #: defines them (a test keeps the two equal): a file that has applied all of
 #: them opens without importing that module, nor sqlite-utils.
-MIGRATIONS = ("m001_sessions", "m002_sync", "m003_bounds")
+MIGRATIONS = ("m001_sessions", "m002_sync", "m003_bounds", "m004_local")
 #: Sets a meta key to a JSON text, whether it is there or not.
 _UPSERT_META = (
     "INSERT INTO meta(key, value) VALUES(?, ?)"
     " ON CONFLICT(key) DO UPDATE SET value = excluded.value"
 )
+#: The outbox state of a session ending now (SQL over its row): ``local`` when it
+#: has no account and awaits no login, else ``pending``.
+_ENDED_OUTBOX = "CASE WHEN did IS NULL AND awaiting_login IS NULL THEN 'local' ELSE 'pending' END"
 #: sqlite-utils' bookkeeping table: one row (migration_set, name, ...) per applied one.
 _MIGRATIONS_TABLE = "_sqlite_migrations"
 
@@ -743,7 +751,12 @@ class Store:
 
         False if another process already took the session over (recovery).
         """
-        outbox = "quarantined" if error else "pending"
+        if error:
+            outbox = "quarantined"
+        elif did is None and awaiting_login is None:
+            outbox = "local"  # unless the stored row has an account by now: see _write
+        else:
+            outbox = "pending"
         return self._write(rkey, did, record, owner, local_day, outbox, error, awaiting_login)
 
     def _write(
@@ -786,7 +799,9 @@ class Store:
             " did = coalesce(excluded.did, sessions.did),"
             " awaiting_login = CASE WHEN coalesce(excluded.did, sessions.did) IS NULL"
             " THEN excluded.awaiting_login END,"
-            " status = excluded.status, outbox = excluded.outbox,"
+            " status = excluded.status,"
+            " outbox = CASE WHEN excluded.outbox = 'local' AND sessions.did IS NOT NULL"
+            " THEN 'pending' ELSE excluded.outbox END,"
             " last_activity_at = excluded.last_activity_at, record = excluded.record,"
             " record_bytes = excluded.record_bytes, last_error = excluded.last_error,"
             " checkpointed_at = excluded.checkpointed_at"
@@ -796,15 +811,17 @@ class Store:
         return bool(cursor.rowcount)
 
     @_locked
-    def attribute(self, tag: str, did: str) -> int:
+    def attribute(self, tag: str, did: str | None) -> int:
         """Give ``did`` to the sessions recorded while login ``tag`` was under way.
 
-        Only sessions with no account yet and not synced; returns how many.
+        Only sessions with no account yet and not synced; returns how many. None:
+        the login failed, its ended sessions are ``local``.
         """
         cursor = self.db.execute(
-            "UPDATE sessions SET did = ?, awaiting_login = NULL"
+            "UPDATE sessions SET did = ?, awaiting_login = NULL,"
+            " outbox = CASE WHEN outbox = 'pending' AND ? IS NULL THEN 'local' ELSE outbox END"
             " WHERE did IS NULL AND awaiting_login = ? AND outbox != 'synced'",
-            [did, tag],
+            [did, did, tag],
         )
         return int(cursor.rowcount)
 
@@ -819,12 +836,12 @@ class Store:
         """Queue a dead owner's session as expired; False if someone else already did."""
         text = to_json(record)
         # checkpointed_at: the latest write of the row, which absorb() compares.
+        outbox = "'quarantined'" if error else _ENDED_OUTBOX
         cursor = self.db.execute(
-            "UPDATE sessions SET status=?, outbox=?, record=?, record_bytes=?, last_error=?,"
-            " checkpointed_at=? WHERE rkey=? AND outbox='live' AND owner_token IS ?",
+            f"UPDATE sessions SET status=?, outbox={outbox}, record=?, record_bytes=?,"
+            " last_error=?, checkpointed_at=? WHERE rkey=? AND outbox='live' AND owner_token IS ?",
             [
                 record["status"],
-                "quarantined" if error else "pending",
                 text,
                 len(text),
                 error,
@@ -979,13 +996,6 @@ class Store:
         return [StoredSession.from_row(row) for row in rows]
 
     @_locked
-    def unattributed_count(self) -> int:
-        """Ended sessions recorded while no account was known (never uploaded)."""
-        row = self.db.execute(
-            "SELECT count(*) FROM sessions WHERE outbox = 'pending' AND did IS NULL"
-        ).fetchone()
-        return int(row[0])
-
     @_locked
     def mark_in_flight(self, rkeys: list[str]) -> None:
         """Record, before sending, that these sessions' writes are about to leave."""
@@ -1148,7 +1158,8 @@ class Store:
         if (
             over_bytes
             and self.db.execute(
-                "SELECT 1 FROM outbox_totals WHERE outbox IN (?, ?, ?) AND sessions > 0",
+                "SELECT 1 FROM outbox_totals WHERE sessions > 0"
+                f" AND outbox IN ({', '.join('?' for _ in PRUNE_ORDER)})",
                 [outbox for outbox, _ in PRUNE_ORDER],
             ).fetchone()
         ):

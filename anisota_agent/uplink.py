@@ -497,13 +497,11 @@ class UplinkWorker:
         self._agent._account_found(tag, did)
 
     def _attribute_stored(self, tag: str, did: str | None) -> None:
-        if did is None:
-            return
         assert self._link is not None
         try:
             self._link.store.attribute(tag, did)
         except Exception as failure:  # the recorder's next round tries again
-            logger.error("cannot attribute sessions to %s: %s", did, failure)
+            logger.error("cannot attribute sessions to %s: %s", did or "no account", failure)
 
     def _refresh_account(self) -> None:
         link = self._link

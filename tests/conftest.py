@@ -45,10 +45,17 @@ def _unavailable(reason: str) -> NoReturn:
 
 
 @pytest.fixture(scope="session")
-def pds_kit() -> Path:
-    """The installed node kit (cold install: ~1.5 min, then cached)."""
+def pds_kit(pytestconfig: pytest.Config) -> Path:
+    """The installed node kit (cold install: about 3 min, then cached)."""
+    reporter = pytestconfig.pluginmanager.getplugin("terminalreporter")
+
+    def say(line: str) -> None:
+        # Past pytest's capture: the line is for whoever watches the run.
+        if reporter is not None:
+            reporter.write_line(line)
+
     try:
-        return ensure_kit()
+        return ensure_kit(say=say)
     except PdsUnavailable as exc:
         _unavailable(exc.reason)
 

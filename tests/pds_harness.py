@@ -38,7 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, cast
@@ -238,8 +238,11 @@ def _install(source: Path, root: Path, key: str, final: Path) -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def ensure_kit(source: Path | None = None) -> Path:
+def ensure_kit(source: Path | None = None, say: Callable[[str], None] = print) -> Path:
     """Install the node kit (once) and return its directory.
+
+    ``say`` gets one line when a cold install starts and one when it ends: it
+    takes minutes, and a test run silent that long looks hung.
 
     The kit is ``<cache root>/<kit_key()>/``; a complete kit is
     reused (``server.mjs`` is refreshed from the checkout if it changed). A cold
@@ -266,7 +269,13 @@ def ensure_kit(source: Path | None = None) -> Path:
                 # Staging dirs of this key left by a killed install are stale now.
                 for stale in root.glob(f".install-{key[:12]}-*"):
                     shutil.rmtree(stale, ignore_errors=True)
+                say(
+                    f"installing the test PDS kit into {final} (once: Node 22 and the"
+                    " reference PDS from npm, about 3 min, ~560 MB plus ~180 MB of npm cache)"
+                )
+                started = time.monotonic()
                 _install(src, root, key, final)
+                say(f"test PDS kit installed in {time.monotonic() - started:.0f} s")
     try:
         _refresh_file(src / "server.mjs", final / "server.mjs")
     except OSError as exc:

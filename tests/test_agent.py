@@ -18,6 +18,9 @@ from anisota_agent.records import MAX_PAGES
 
 URI = "at://did:plc:abc/net.anisota.beta.game.log/3lbyzq2a3v22c"
 
+#: A PDS nothing answers on (loopback, port 9): no call below reaches one.
+PDS = "http://127.0.0.1:9"
+
 # (call, exception, words the message must contain)
 BAD_CALLS: list[tuple[Callable[[Agent], Any], type[Exception], tuple[str, ...]]] = [
     (lambda a: a.page(""), ValueError, ("route", "1 to 128")),
@@ -27,7 +30,7 @@ BAD_CALLS: list[tuple[Callable[[Agent], Any], type[Exception], tuple[str, ...]]]
     (lambda a: a.feature(None), TypeError, ("feature", "str")),  # type: ignore[arg-type]
     (lambda a: a.action("jumps"), ValueError, ("kind", "levelUps", "dailyRewardsClaimed")),
     (lambda a: a.action(3), TypeError, ("kind", "postsViewed")),  # type: ignore[arg-type]
-    (lambda a: a.action("postsViewed", count=-1), ValueError, ("count", "1 and 1000000")),
+    (lambda a: a.action("postsViewed", count=-1), ValueError, ("count", "1 and 1,000,000")),
     (lambda a: a.action("postsViewed", count=0), ValueError, ("count",)),
     (lambda a: a.action("postsViewed", count=True), TypeError, ("count", "int")),
     (lambda a: a.action("postsViewed", count=1.0), TypeError, ("count", "int")),  # type: ignore[arg-type]
@@ -64,6 +67,33 @@ BAD_CALLS: list[tuple[Callable[[Agent], Any], type[Exception], tuple[str, ...]]]
         ValueError,
         ("pds_url", "https"),
     ),
+    # Text the record cannot carry as UTF-8 (a lone surrogate) is refused at the call.
+    (lambda a: a.page("/\ud800"), ValueError, ("route", "UTF-8")),
+    (lambda a: a.feature("\udfffx"), ValueError, ("feature", "UTF-8")),
+    (lambda a: a.start_session(referrer="https://a.example/\ud800"), ValueError, ("referrer",)),
+    (lambda a: a.login("a\ud800.test", "pw", pds_url=PDS), ValueError, ("identifier", "UTF-8")),
+    (lambda a: a.login("alice.test", "pw\ud800", pds_url=PDS), ValueError, ("password", "UTF-8")),
+    (lambda a: a.login("alice.test", "pw", pds_url="https://\ud800.x"), ValueError, ("pds_url",)),
+    # A huge value: refused, and cut in the message.
+    (lambda a: a.end_session("x" * 10_000_000), ValueError, ("reason", "10,000,000 characters")),
+    (lambda a: a.page("x" * 10_000_000), ValueError, ("route", "10,000,000")),
+    (lambda a: a.progress(10**5000), ValueError, ("xp", "bits")),
+    # The game's own requests.
+    (lambda a: a.report_request(None, "ok"), TypeError, ("elapsed_ms", "int or float")),  # type: ignore[arg-type]
+    (lambda a: a.report_request(True, "ok"), TypeError, ("elapsed_ms",)),
+    (lambda a: a.report_request(2**63, "ok"), ValueError, ("elapsed_ms", "86,400,000")),
+    (lambda a: a.report_request(float("inf"), "ok"), ValueError, ("elapsed_ms",)),
+    (lambda a: a.report_request(5, []), TypeError, ("outcome", "network_error")),  # type: ignore[arg-type]
+    (lambda a: a.report_request(5, "timeout"), ValueError, ("outcome", "server_error")),
+    (lambda a: a.flush("x"), TypeError, ("timeout",)),  # type: ignore[arg-type]
+    (lambda a: a.flush(float("inf")), ValueError, ("timeout", "3,600")),
+    (lambda a: a.flush(1, sync="no"), TypeError, ("sync", "bool")),  # type: ignore[arg-type]
+    (lambda a: a.link_log("at://did:plc:x/net.anisota.beta.game.log/3k#x"), ValueError, ("uri",)),
+    (
+        lambda a: a.use_auth(httpx.Auth(), did="did:web:a.example#key", pds_url=PDS),
+        ValueError,
+        ("did",),
+    ),
 ]
 
 
@@ -80,6 +110,7 @@ def test_bad_input_is_refused_and_the_session_is_intact(
         call(agent)
     for word in words:
         assert word in str(raised.value)
+    assert len(str(raised.value)) <= 200  # a bad value is cut, never echoed whole
     assert agent.status().session == rkey  # still the same session, still live
     assert agent.status().dropped == {"refused_calls": 1}
     agent.end_session("logout")
@@ -96,6 +127,8 @@ def test_constructor_refuses_bad_settings() -> None:
         Agent("1.0", platform="console")
     with pytest.raises(ValueError, match="client_version"):
         Agent("")
+    with pytest.raises(ValueError, match="client_version must be text UTF-8 can encode"):
+        Agent("1.\ud800")
     with pytest.raises(ValueError, match="checkpoint_interval"):
         Agent("1.0", checkpoint_interval=0)
 
@@ -138,7 +171,7 @@ def test_close_ends_the_session_as_app_close(tmp_path: Path) -> None:
         agent.page("/home")
     record = stored_record(tmp_path, str(rkey))
     assert (record["status"], record["endReason"]) == ("ended", "app_close")
-    assert stored(tmp_path, str(rkey)).outbox == "pending"
+    assert stored(tmp_path, str(rkey)).outbox == "local"  # no account: kept here
     assert agent.close() is True  # closing twice is harmless
 
 
@@ -198,7 +231,7 @@ def test_corrupt_store_is_moved_aside(tmp_path: Path, caplog: pytest.LogCaptureF
     agent = Agent("1.0", data_dir=tmp_path).start()
     rkey = agent.start_session()
     agent.close()
-    assert stored(tmp_path, str(rkey)).outbox == "pending"
+    assert stored(tmp_path, str(rkey)).outbox == "local"
     assert len(list(tmp_path.glob("agent.sqlite3.corrupt-*"))) == 1
     assert "corrupt" in caplog.text
 
@@ -293,3 +326,29 @@ def test_heavy_imports_stay_off_the_game_thread(tmp_path: Path) -> None:
     output = run_python(_IMPORT_SCRIPT, env={"ANISOTA_AGENT_DATA_DIR": str(tmp_path)})
     assert output.strip() == "[]"
     assert (tmp_path / "agent.sqlite3").exists()  # it did record, off the game's thread
+
+
+def test_status_shows_host_calls_at_once_and_the_store_after_a_round(tmp_path: Path) -> None:
+    """The README's promise: ``session`` now, ``outbox`` as of the recorder's last round."""
+    agent = Agent("1.0", data_dir=tmp_path).start()
+    rkey = agent.start_session()
+    assert agent.flush(5, sync=False)
+    assert agent.status().outbox["live"] == 1
+    agent.end_session()
+    assert agent.status().session is None  # at once
+    assert agent.flush(5, sync=False)
+    outbox = agent.status().outbox
+    assert (outbox["live"], outbox["local"], outbox["pending"]) == (0, 1, 0)
+    agent.close()
+    assert stored(tmp_path, str(rkey)).outbox == "local"  # no account: never uploaded
+
+
+def test_levels_rising_in_progress_count_no_level_up(tmp_path: Path) -> None:
+    """``levelUps`` counts ``action("levelUps")`` only, as the README says."""
+    agent = Agent("1.0", data_dir=tmp_path).start()
+    rkey = str(agent.start_session())
+    agent.progress(100, level=1)
+    agent.progress(900, level=3)
+    agent.action("levelUps")
+    agent.close()
+    assert stored_record(tmp_path, rkey)["activitySummary"]["gameActions"] == {"levelUps": 1}

@@ -48,7 +48,7 @@ def test_sessions_recorded_logged_out_stay_local(
     assert agent.flush()
     agent.close()
     assert stored(tmp_path, anonymous).did is None
-    assert stored(tmp_path, anonymous).outbox == "pending"  # never uploaded to anyone
+    assert stored(tmp_path, anonymous).outbox == "local"  # never uploaded to anyone
     assert stored(tmp_path, mine).outbox == "synced"
     remote = [item["uri"] for item in pds.list_records(account)]
     assert remote == [f"at://{account.did}/{COLLECTION}/{mine}"]

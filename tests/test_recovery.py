@@ -83,7 +83,7 @@ def test_killed_session_expires_at_last_activity_and_live_one_is_left(
     assert (expired["status"], expired["endReason"]) == ("expired", "timeout")
     assert expired["endedAt"] == before["lastActivityAt"]
     assert expired["activitySummary"] == before["activitySummary"]
-    assert stored(tmp_path, crashed.rkey).outbox == "pending"
+    assert stored(tmp_path, crashed.rkey).outbox == "local"  # no account: never uploaded
 
     still_live = stored(tmp_path, running.rkey)
     assert (still_live.outbox, still_live.record["status"]) == ("live", "active")

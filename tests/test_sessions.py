@@ -236,6 +236,20 @@ def test_a_session_past_the_maximum_age_expires_then_continues() -> None:
     assert second is not None and second.parent_rkey == first.rkey
 
 
+def test_a_session_past_the_maximum_age_ends_at_its_last_activity() -> None:
+    """Noticed at 70 s, a 60 s maximum age ends the session at its last activity (59 s)."""
+    t = Book(max_session_age=60, inactivity_timeout=3600)
+    session = t.begin()
+    t.clock.advance(59)
+    t.book.active()
+    t.clock.advance(11)
+    t.book.end_if_idle()
+    assert session.status == "expired"
+    record = build_record(session, t.clock.mono)
+    assert record["duration"] == 59_000
+    assert record["endedAt"] == record["lastActivityAt"]
+
+
 def test_a_call_past_the_maximum_age_is_left_to_the_idle_check(t: Book) -> None:
     """The hot path compares one deadline: the age is end_if_idle's to catch."""
     t = Book(max_session_age=3600, inactivity_timeout=3600)
@@ -276,7 +290,7 @@ def test_the_account_found_is_given_to_live_finished_and_collected_sessions(t: B
     assert [s.did for s in collected.finished] == ["did:plc:alice"]
     # The recorder attributes the ones it already holds or stored.
     assert collected.attributions == [("login:a", "did:plc:alice")]
-    assert collected_earlier.awaiting_login == "login:a"
+    assert collected_earlier.did == "did:plc:alice" and collected_earlier.awaiting_login is None
     assert t.book.awaiting is None and t.book.did == "did:plc:alice"
 
 
@@ -285,7 +299,9 @@ def test_a_failed_login_leaves_its_sessions_local(t: Book) -> None:
     session = t.begin()
     t.book.account_found("login:a", None)
     assert session.did is None and t.book.did is None and t.book.awaiting is None
-    assert t.book.collect().attributions == []
+    assert session.awaiting_login is None  # it awaits nothing any more: local once ended
+    # The recorder releases those it holds or stored too.
+    assert t.book.collect().attributions == [("login:a", None)]
 
 
 def test_an_older_login_found_late_does_not_clear_the_newer_one(t: Book) -> None:

@@ -81,7 +81,7 @@ def test_migrations_apply_once_and_wal_is_on(tmp_path: Path) -> None:
     store = Store.open(path)  # a second start applies nothing again
     try:
         applied = [migration.name for migration in migrations.applied(database(store))]
-        assert applied == ["m001_sessions", "m002_sync", "m003_bounds"]
+        assert applied == ["m001_sessions", "m002_sync", "m003_bounds", "m004_local"]
         assert migrations.pending(database(store)) == []
         assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         columns = set(database(store).table("sessions").columns_dict)
@@ -124,7 +124,7 @@ def test_several_openers_of_an_old_file_migrate_it_once(tmp_path: Path) -> None:
     assert failures == []
     with store_at(tmp_path) as store:
         names = [migration.name for migration in migrations.applied(database(store))]
-    assert names == ["m001_sessions", "m002_sync", "m003_bounds"]
+    assert names == ["m001_sessions", "m002_sync", "m003_bounds", "m004_local"]
 
 
 def test_migration_m003_fills_sizes_and_totals_of_an_m002_store(tmp_path: Path) -> None:
@@ -146,8 +146,9 @@ def test_migration_m003_fills_sizes_and_totals_of_an_m002_store(tmp_path: Path) 
         )
     _m002_database(path, rows)
     with store_at(tmp_path) as store:
-        assert [m.name for m in migrations.applied(database(store))][-1] == "m003_bounds"
-        assert store.outbox_counts() == {"live": 1, "pending": 5, "synced": 3, "quarantined": 1}
+        assert [m.name for m in migrations.applied(database(store))][-1] == "m004_local"
+        counts = {"live": 1, "pending": 5, "local": 0, "synced": 3, "quarantined": 1}
+        assert store.outbox_counts() == counts
         assert store.record_bytes_total() == sum(len(row["record"]) for row in rows)
         assert_totals_exact(store)
         # The triggers work on the migrated rows from then on.
@@ -155,6 +156,38 @@ def test_migration_m003_fills_sizes_and_totals_of_an_m002_store(tmp_path: Path) 
         store.prune(max_bytes=0, max_age_s=1e9, now=2.0)
         assert_totals_exact(store)
         assert store.outbox_counts()["live"] == 1
+
+
+def test_migration_m004_makes_the_ended_sessions_of_no_account_local(tmp_path: Path) -> None:
+    path = tmp_path / DB_FILENAME
+    rows = []
+    cases = [(DID, None), (None, "login:a"), (None, None), (None, None)]
+    for index, (did, awaiting) in enumerate(cases):
+        rkey, record = session_record(DID, index)
+        text = json.dumps(record, separators=(",", ":"))
+        rows.append(
+            {
+                "rkey": rkey,
+                "did": did,
+                "status": record["status"],
+                "outbox": "pending",
+                "started_at": record["startedAt"],
+                "local_day": DAY,
+                "record": text,
+                "record_bytes": len(text),
+                "awaiting_login": awaiting,
+            }
+        )
+    conn = Store._connect(path)
+    database = Database(conn)
+    migrations.apply(database, stop_before="m004_local")
+    database.table("sessions").insert_all(rows)
+    conn.close()
+    with store_at(tmp_path) as store:
+        outboxes = [store.get(row["rkey"]).outbox for row in rows]  # type: ignore[union-attr]
+        assert outboxes == ["pending", "pending", "local", "local"]
+        assert (store.outbox_counts()["pending"], store.outbox_counts()["local"]) == (2, 2)
+        assert_totals_exact(store)
 
 
 def test_the_store_knows_the_names_the_migrations_module_defines() -> None:
@@ -169,9 +202,10 @@ def test_pending_is_read_from_sqlite_utils_own_bookkeeping(tmp_path: Path) -> No
     _m002_database(path, [])
     conn = Store._connect(path)
     try:
-        assert pending_migrations(conn) == ["m003_bounds"]
+        assert pending_migrations(conn) == ["m003_bounds", "m004_local"]
         assert [m.name for m in migrations.pending(Database(conn, execute_plugins=False))] == [
-            "m003_bounds"
+            "m003_bounds",
+            "m004_local",
         ]
     finally:
         conn.close()
@@ -276,7 +310,6 @@ def test_no_statement_of_a_round_scans_the_sessions(tmp_path: Path) -> None:
         store.mark_in_flight([row.rkey for row in due])
         store.retry_later([due[0].rkey], "boom", 5.0, in_flight=True)
         store.mark_synced(due[1].rkey, "at://y", "cid", at=2.0)
-        store.unattributed_count()
         store.db.set_trace_callback(None)
         statements = {sql for sql in ran if sql.split()[0] not in _TRANSACTION_WORDS}
         assert len(statements) > 10
@@ -556,7 +589,11 @@ def test_attribute_gives_the_login_its_unsynced_sessions_only(tmp_path: Path) ->
         assert store.get(made["ours-pending"]).awaiting_login is None  # type: ignore[union-attr]
         assert store.get(made["other-login"]).awaiting_login == "t2"  # type: ignore[union-attr]
         assert store.attribute("t1", DID) == 0
-        assert store.unattributed_count() == 2  # other-login and no-login, both pending
+        outboxes = {name: store.get(rkey).outbox for name, rkey in made.items()}  # type: ignore[union-attr]
+        assert (outboxes["other-login"], outboxes["no-login"]) == ("pending", "local")
+        # The other login fails: its ended session stays here, never uploaded.
+        assert store.attribute("t2", None) == 1
+        assert store.get(made["other-login"]).outbox == "local"  # type: ignore[union-attr]
 
 
 # -- moving sessions between stores ------------------------------------------------------
@@ -573,7 +610,8 @@ def test_rows_and_absorb_move_sessions_between_stores(tmp_path: Path) -> None:
         assert memory.absorb(unsynced) == 5
         assert [row["rkey"] for row in file_store.rows()] == rkeys
         assert memory.get(rkeys[1]).last_error == "refused"  # type: ignore[union-attr]
-        assert memory.outbox_counts() == {"live": 0, "pending": 4, "synced": 0, "quarantined": 1}
+        counts = {"live": 0, "pending": 4, "local": 0, "synced": 0, "quarantined": 1}
+        assert memory.outbox_counts() == counts
         assert memory.absorb([]) == 0
         assert_totals_exact(memory)
 
@@ -702,7 +740,7 @@ def test_a_damaged_store_is_moved_aside_and_recording_goes_on(tmp_path: Path) ->
     assert len(list(tmp_path.glob(f"{DB_FILENAME}.corrupt-*"))) == 1
     with store_at(tmp_path) as store:
         row = store.get(rkey)
-    assert row is not None and row.outbox == "pending"
+    assert row is not None and row.outbox == "local"  # recorded on, with no account
 
 
 def _schema(conn: sqlite3.Connection) -> list[tuple[str, str, str | None]]:

@@ -262,7 +262,8 @@ def test_salvage_keeps_unsynced_sessions_owners_counters_and_meta(tmp_path: Path
         store.verify()
         assert store.salvage is not None
         assert (store.salvage.salvaged, store.salvage.lost) == (45, len(lost))
-        assert store.outbox_counts() == {"live": 5, "pending": 35, "synced": 0, "quarantined": 5}
+        counts = {"live": 5, "pending": 35, "local": 0, "synced": 0, "quarantined": 5}
+        assert store.outbox_counts() == counts
         assert store.counters() == {"pruned_unsynced": 4}
         assert store.meta() == {"sync.last": {"at": 5}}
         assert store.get(rkeys[20]).last_error == "refused"  # type: ignore[union-attr]
@@ -395,7 +396,7 @@ def test_the_first_checkpoint_lands_before_the_damage_is_found_and_is_salvaged(
         assert store.salvage is None
         kept = {row.rkey: row.outbox for row in store.iter_sessions()}
     assert set(kept) == (set(rkeys) - unreadable) | {rkey}
-    assert kept[rkey] == "pending"  # recorded on in the fresh file, ended at close
+    assert kept[rkey] == "local"  # recorded on in the fresh file, ended at close, no account
 
 
 def test_two_corrupt_files_in_the_same_second_get_their_own_names(tmp_path: Path) -> None:
