@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sqlite3
 import sys
 import time
@@ -11,14 +12,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from ._version import __version__
 from .status import saved_status
 
 if TYPE_CHECKING:
     from .store import Store
     from .tokens import TokenStore
+    from .xrpc import XrpcError
 
 __all__ = [
     "EXIT_FAILURE",
+    "EXIT_INTERRUPTED",
     "EXIT_OK",
     "EXIT_USAGE",
     "CliError",
@@ -27,7 +31,8 @@ __all__ = [
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
-EXIT_USAGE = 2
+EXIT_USAGE = 2  # argparse's own code for a bad command line
+EXIT_INTERRUPTED = 130  # the shell's code for a Ctrl-C (128 + SIGINT)
 PASSWORD_ENV = "ANISOTA_AGENT_PASSWORD"
 #: Datetimes in records come from this machine's clock; more skew than this is
 #: worth fixing (the PDS's Date header has 1 s resolution).
@@ -47,37 +52,104 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as error:
         print(f"anisota-agent: {error}", file=sys.stderr)
         return EXIT_FAILURE
-    except (sqlite3.Error, OSError) as error:  # the machine's trouble, not a bug of ours
-        print(f"anisota-agent: {type(error).__name__}: {error}", file=sys.stderr)
+    except sqlite3.Error as error:  # the machine's trouble, not a bug of ours
+        print(f"anisota-agent: the store failed: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as error:
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"anisota-agent: {where}{_plain(error)}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     return code
 
 
+def _plain(error: BaseException) -> str:
+    """The error in words: no class name, no ``[Errno 2]`` (users read these)."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return re.sub(r"^\[Errno -?\d+\] ", "", str(error)) or "unknown error"
+
+
+def _xrpc_reason(error: XrpcError) -> str:
+    """What an XRPC call's failure means to a user."""
+    from .xrpc import NetworkError
+
+    if isinstance(error, NetworkError):
+        # Its message names the httpx exception class (for the log): say what happened.
+        cause = error.__cause__
+        return f"no answer from the PDS ({_plain(cause) if cause else 'network error'})"
+    return str(error)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {text!r}")
+    return value
+
+
+def _seconds_up_to(most: float) -> Callable[[str], float]:
+    """An argparse type: seconds from 0 to ``most`` (nan and inf are neither)."""
+
+    def seconds(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+        if not 0 <= value <= most:
+            raise argparse.ArgumentTypeError(f"must be 0 to {most:g} seconds, not {text!r}")
+        return value
+
+    return seconds
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="anisota-agent",
-        description="Inspect the sessions the anisota agent recorded; play a demo session.",
-    )
-    parser.add_argument(
+    from .store import OUTBOX_STATES
+
+    # On the main parser and every subcommand, so --data-dir goes before or after
+    # the command; SUPPRESS leaves it unset where not given, so neither clobbers the other.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
         "--data-dir",
         type=Path,
+        default=argparse.SUPPRESS,
+        metavar="DIR",
         help="the agent's data directory (default: the platform's user data dir, "
         "or ANISOTA_AGENT_DATA_DIR)",
     )
+    parser = argparse.ArgumentParser(
+        prog="anisota-agent",
+        description="Inspect the sessions the anisota agent recorded; play a demo session.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, run: Callable[[argparse.Namespace], int], text: str) -> Any:
-        sub = commands.add_parser(name, help=text, description=text)
+        sub = commands.add_parser(name, help=text, description=text, parents=[common])
         sub.set_defaults(run=run)
         return sub
 
     command("status", _status, "store path, queue by state, losses")
     sessions = command("sessions", _sessions, "list recorded sessions, newest first")
     sessions.add_argument("--json", action="store_true", help="JSON lines instead of a table")
-    sessions.add_argument("--state", choices=("live", "pending", "synced", "quarantined"))
-    sessions.add_argument("--limit", type=int, default=50)
+    sessions.add_argument(
+        "--state",
+        choices=OUTBOX_STATES,  # the store's: a new state is listed here at once
+        metavar="STATE",
+        help=f"only sessions in this outbox state: {', '.join(OUTBOX_STATES)}",
+    )
+    sessions.add_argument(
+        "--limit",
+        type=_positive_int,
+        default=50,
+        metavar="N",
+        help="at most N sessions, newest first (default: %(default)s)",
+    )
     show = command("show", _show, "print one session's record as JSON")
     show.add_argument("rkey")
     export = command("export", _export, "every session as JSON lines (record and outbox state)")
@@ -87,46 +159,74 @@ def _parser() -> argparse.ArgumentParser:
     purge = command("purge", _purge, "delete every recorded session and counter")
     purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     demo = command("demo", _demo, "play a short simulated game session end to end")
-    demo.add_argument("--seconds", type=float, default=2.0, help="how long to play (default 2)")
+    demo.add_argument(
+        "--seconds",
+        type=_seconds_up_to(600),
+        metavar="N",
+        default=2.0,
+        help="how long to play, 0 to 600 (default: %(default)g s)",
+    )
     login = command("login", _login, "log in with an app password (kept: the refresh token only)")
     login.add_argument("--pds-url", required=True, help="the account's PDS, https://...")
     login.add_argument("--identifier", required=True, help="handle, DID or email")
     command("logout", _logout, "revoke and forget the saved login")
     flush = command("flush", _flush, "sync every pending session now, with progress")
-    flush.add_argument("--timeout", type=float, default=300.0, help="give up after (s)")
+    flush.add_argument(
+        "--timeout",
+        type=_seconds_up_to(3600),
+        metavar="S",
+        default=300.0,
+        help="give up after this many seconds, 0 to 3600 (default: %(default)g s)",
+    )
     command("doctor", _doctor, "check the PDS, the login and the clock skew")
     return parser
 
 
 def _data_dir(args: argparse.Namespace) -> Path:
-    if args.data_dir is not None:
-        return Path(args.data_dir)
+    data_dir: Path | None = getattr(args, "data_dir", None)  # SUPPRESS: absent if not given
+    if data_dir is not None:
+        return data_dir
     from .store import default_data_dir
 
     return default_data_dir()
 
 
-def _open_store(args: argparse.Namespace) -> Store:
-    from .store import DB_FILENAME, Store
+def _store_path(args: argparse.Namespace) -> Path:
+    from .store import DB_FILENAME
 
-    path = _data_dir(args) / DB_FILENAME
+    return _data_dir(args) / DB_FILENAME
+
+
+def _open_store(args: argparse.Namespace) -> Store:
+    """The data dir's store; an empty one in memory where nothing was recorded yet.
+
+    Nothing recorded is not an error, and inspecting a machine must not create
+    the data dir or the file on it.
+    """
+    from .store import Store
+
+    path = _store_path(args)
     if not path.exists():
-        raise CliError(f"no store at {path} (nothing recorded yet; try `anisota-agent demo`)")
-    return Store.open(path)
+        return Store(None)
+    try:
+        return Store.open(path)
+    except (sqlite3.Error, OSError) as error:
+        raise CliError(f"cannot open the store at {path}: {_plain(error)}") from error
 
 
 def _status(args: argparse.Namespace) -> int:
     store = _open_store(args)
     try:
-        _print_store_status(store, sys.stdout)
+        _print_store_status(store, sys.stdout, _store_path(args))
         _print_sync_status(store, _token_store(args), sys.stdout)
     finally:
         store.close()
     return EXIT_OK
 
 
-def _print_store_status(store: Store, out: TextIO) -> None:
-    out.write(f"store:    {store.path}\n")
+def _print_store_status(store: Store, out: TextIO, path: Path) -> None:
+    empty = " (nothing recorded yet)" if store.path is None else ""
+    out.write(f"store:    {path}{empty}\n")
     counts = store.outbox_counts()
     out.write("sessions: " + ", ".join(f"{name} {count}" for name, count in counts.items()) + "\n")
     losses = store.counters()
@@ -203,8 +303,11 @@ def _show(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .data import local_sessions
 
-    _open_store(args).close()  # says so when there is no store
-    out = args.output.open("w", encoding="utf-8") if args.output else sys.stdout
+    _open_store(args).close()  # says so when the file cannot be opened
+    try:
+        out = args.output.open("w", encoding="utf-8") if args.output else sys.stdout
+    except OSError as error:
+        raise CliError(f"cannot write {args.output}: {_plain(error)}") from error
     try:
         for line in local_sessions(_data_dir(args)):
             out.write(json.dumps(line) + "\n")
@@ -220,8 +323,10 @@ def _validate(args: argparse.Namespace) -> int:
     try:
         text = args.file.read_text(encoding="utf-8")
     except OSError as error:
-        raise CliError(f"cannot read {args.file}: {error.strerror}") from error
+        raise CliError(f"cannot read {args.file}: {_plain(error)}") from error
     records = _parse_records(text, args.file)
+    if not records:  # "0 valid, 0 invalid" would pass a truncated or wrong file
+        raise CliError(f"{args.file} holds no record to validate")
     failures = 0
     for number, record in enumerate(records, start=1):
         try:
@@ -266,8 +371,6 @@ def _purge(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import play_demo
 
-    if not 0 <= args.seconds <= 600:
-        raise CliError("--seconds must be between 0 and 600")
     rkey, status = play_demo(_data_dir(args), args.seconds)
     store = _open_store(args)
     try:
@@ -275,7 +378,7 @@ def _demo(args: argparse.Namespace) -> int:
         if row is None:
             raise CliError(f"the demo session {rkey} was not stored (store: {status.store_mode})")
         print(json.dumps(row.record, indent=2))
-        _print_store_status(store, sys.stdout)
+        _print_store_status(store, sys.stdout, _store_path(args))
     finally:
         store.close()
     return EXIT_OK
@@ -305,12 +408,16 @@ def _login(args: argparse.Namespace) -> int:
     from .xrpc import XrpcError
 
     password = _read_password(args.identifier)
+    tokens = _token_store(args)
     try:
-        session = AppPasswordSession.login(
-            args.pds_url, args.identifier, password, _token_store(args)
-        )
-    except (XrpcError, ValueError, OSError) as error:
+        session = AppPasswordSession.login(args.pds_url, args.identifier, password, tokens)
+    except XrpcError as error:
+        raise CliError(f"login failed: {_xrpc_reason(error)}") from error
+    except ValueError as error:
         raise CliError(f"login failed: {error}") from error
+    except OSError as error:  # only saving the login touches the disk
+        reason = f"cannot save it in {tokens.describe()}: {_plain(error)}"
+        raise CliError(f"login failed: {reason}") from error
     print(f"logged in: {session.describe()}")
     session.close()
     return EXIT_OK
@@ -391,14 +498,14 @@ def _doctor(args: argparse.Namespace) -> int:
                 f"{(time.perf_counter() - began) * 1000:.0f} ms)",
             )
         except XrpcError as error:
-            check("PDS reachable", False, f"{session.pds_url}: {error}")
+            check("PDS reachable", False, f"{session.pds_url}: {_xrpc_reason(error)}")
         skew = anonymous.clock_skew
     try:
         with session.client() as client:
             who = client.get_session(timeout=10)
         check("credentials", True, f"{who.get('handle')} ({who.get('did')})")
     except XrpcError as error:
-        check("credentials", False, f"{type(error).__name__}: {error}")
+        check("credentials", False, _xrpc_reason(error))
     finally:
         session.close()
     if skew is None:
