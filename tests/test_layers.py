@@ -15,6 +15,7 @@ PACKAGE = Path(anisota_agent.__file__).parent
 
 #: Each module may import only modules of the layers before its own.
 LAYERS = [
+    ["_files"],
     ["_version", "checks", "status", "timing", "tokens"],
     ["clock", "network"],
     ["lexicon"],
