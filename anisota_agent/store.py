@@ -37,6 +37,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar
 
+from ._files import create_private_file, make_private_dir, remove_stale_temp_files, tighten
 from .records import MAX_RELATED_SESSIONS, to_json
 
 __all__ = [
@@ -455,7 +456,10 @@ class Store:
             conn = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
             conn.execute("PRAGMA recursive_triggers=on")
             return conn
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # The player's data, others' to read by no umask: the dir 0700, the file
+        # 0600 before SQLite opens it (its -wal and -shm take the file's mode).
+        make_private_dir(path.parent)
+        create_private_file(path)
         conn = sqlite3.connect(
             str(path), timeout=5.0, check_same_thread=False, isolation_level=None
         )
@@ -481,6 +485,10 @@ class Store:
         except BaseException:
             conn.close()
             raise
+        # A -wal or -shm left by an older version (killed, so never removed) keeps
+        # the mode it was made with: SQLite goes on using it as it is.
+        for side in _SIDE_FILES[1:]:
+            tighten(Path(f"{path}{side}"))
         return conn
 
     def _migrate(self) -> None:
@@ -541,6 +549,17 @@ class Store:
         is found by :meth:`verify` (the uplink runs it at start, off the recorder's way) or
         by the first statement that reads it (then see :meth:`replace_corrupt`).
         """
+        store = cls._open_or_salvage(path)
+        # Every start opens the store here first (the recorder, on its thread,
+        # before its first write; the CLI too), whether the login is kept in the
+        # file or the keyring: the place to clear what a killed token write left
+        # (FileTokenStore.save's temp file, holding a refresh token). A listing
+        # of a few entries; psutil is imported only if one is there to judge.
+        remove_stale_temp_files(path.parent)
+        return store
+
+    @classmethod
+    def _open_or_salvage(cls, path: Path) -> Store:
         try:
             return cls(path)
         except sqlite3.DatabaseError as error:
@@ -1251,7 +1270,12 @@ def _move_aside(path: Path) -> Path:
     for side in _SIDE_FILES:
         source = Path(f"{path}{side}")
         if source.exists():
-            source.rename(Path(f"{aside}{side}"))
+            target = Path(f"{aside}{side}")
+            source.rename(target)
+            # Kept for the player to inspect, private as the store was (an older
+            # version's file may be 0644). The salvage opens it read-only after
+            # this: a -shm SQLite makes for it takes the file's mode.
+            tighten(target)
     return aside
 
 

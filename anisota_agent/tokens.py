@@ -12,10 +12,11 @@ import importlib
 import json
 import logging
 import os
-import secrets
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from ._files import make_private_dir, temp_path
 
 __all__ = [
     "KEYRING_ENV",
@@ -159,8 +160,10 @@ class FileTokenStore(TokenStore):
             OSError: the directory or file cannot be written.
         """
         payload = json.dumps(data, indent=2, sort_keys=True).encode()
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        make_private_dir(self.path.parent)
+        # A kill before the replace leaves this file behind: the next start's
+        # Store.open removes it (remove_stale_temp_files knows the name).
+        temp = temp_path(self.path)
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, 0o600)
         try:
             with os.fdopen(fd, "wb") as handle:

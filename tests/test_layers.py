@@ -15,7 +15,7 @@ PACKAGE = Path(anisota_agent.__file__).parent
 
 #: Each module may import only modules of the layers before its own.
 LAYERS = [
-    ["_version", "syntax"],
+    ["_files", "_version", "syntax"],
     ["checks", "status", "timing", "tokens"],
     ["clock", "network"],
     ["lexicon"],
