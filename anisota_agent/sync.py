@@ -19,8 +19,9 @@ Runs on the agent's uplink thread (or in ``anisota-agent flush``). Strategy:
   ``retry-after`` / ``ratelimit-reset``. Until the budget is known, the first
   batch is small.
 * Network errors, timeouts and 5xx back off exponentially with jitter; revoked
-  credentials or an unavailable account stop syncing until new credentials
-  arrive, without retrying.
+  credentials stop syncing until new credentials arrive, without retrying. An
+  unavailable account (deactivated, taken down, suspended) stops it too, and is
+  asked once an hour (one ``getSession``) whether it is back.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from .xrpc import (
 logger = logging.getLogger("anisota_agent")
 
 __all__ = [
+    "ACCOUNT_RECHECK_SECONDS",
     "SyncEngine",
     "SyncStatus",
     "SyncStopped",
@@ -76,6 +78,9 @@ BACKOFF_MAX = 600.0
 GET_RECORD_LOOKUPS = 5  # above this many uncertain sessions, page listRecords instead
 MAX_LIST_PAGES = 50
 REQUEST_TIMEOUT = 15.0  # seconds per request phase, unless a deadline is nearer
+#: How long a sync stopped for the account (deactivated, taken down, suspended)
+#: waits before it asks the PDS whether the account is back: one request an hour.
+ACCOUNT_RECHECK_SECONDS = 3600.0
 
 #: One XRPC call, given the timeout it may take.
 Request = Callable[[float], dict[str, Any]]
@@ -141,6 +146,8 @@ class SyncEngine:
         self._interrupted: Callable[[], bool] | None = None
         self._wrote = False  # has a write answered yet (so the budget is known)?
         self._validated: set[str] = set()  # final records do not change: check each once
+        #: When to ask whether the account that stopped the sync is back (None: not stopped for it).
+        self.recheck_at: float | None = None
         self._recall_budget()
 
     @property
@@ -154,6 +161,48 @@ class SyncEngine:
             return False
         next_at = self.status.next_sync_at
         return next_at is None or next_at <= self._now()
+
+    def recheck_account(self) -> bool:
+        """Once :attr:`recheck_at` has come, ask whether the account is back (one request).
+
+        ``getSession`` answers for a deactivated account too (``active: false``)
+        and refuses a taken-down one. An active account lifts the stop: True,
+        and the pending sessions sync again. Any other answer, or none, waits
+        another :data:`ACCOUNT_RECHECK_SECONDS`; revoked credentials end the
+        rechecks (only new ones can help).
+        """
+        if self.recheck_at is None or self._now() < self.recheck_at:
+            return False
+        back = self._ask_account()
+        self._save_status()
+        return back
+
+    def _ask_account(self) -> bool:
+        self.status.requests += 1
+        try:
+            who = self.client.get_session(timeout=REQUEST_TIMEOUT)
+        except (ExpiredToken, InvalidToken) as denied:  # revoked meanwhile
+            self.recheck_at = self.status.next_sync_at = None
+            self.status.auth_problem = f"{type(denied).__name__}: {denied}"
+            logger.error("sync stopped for %s: %s", self.did, self.status.auth_problem)
+            return False
+        except XrpcError as failure:  # taken down (a plain 400 here), or no answer
+            still = str(failure)
+        else:
+            if who.get("active") is not False:
+                self.recheck_at = self.status.next_sync_at = None
+                self.status.auth_problem = self.status.sync_error = None
+                logger.info("account %s is active again: syncing resumes", self.did)
+                return True
+            still = f"the account is {who.get('status', 'inactive')}"
+        self._stopped_for_account()
+        logger.info(
+            "account %s is still unavailable (%s): next check in %.0f min",
+            self.did,
+            still,
+            ACCOUNT_RECHECK_SECONDS / 60,
+        )
+        return False
 
     def retry_now(self) -> None:
         """Drop a network backoff (the network just came back); a budget wait stays."""
@@ -458,6 +507,8 @@ class SyncEngine:
             self._defer(rkeys, denied, in_flight=False)
             self.status.auth_problem = f"{type(denied).__name__}: {denied}"
             logger.error("sync stopped for %s: %s", self.did, self.status.auth_problem)
+            if isinstance(denied, AccountUnavailable):
+                self._stopped_for_account()
             raise SyncStopped from denied
         except XrpcError as failure:
             raise self._stop_round(str(failure), rkeys, failure) from failure
@@ -482,8 +533,14 @@ class SyncEngine:
                 f"AccountUnavailable: the account is {who.get('status', 'inactive')}"
             )
             logger.error("sync stopped for %s: %s", self.did, self.status.auth_problem)
+            self._stopped_for_account()
             return SyncStopped()
         return self._stop_round(str(refused))
+
+    def _stopped_for_account(self) -> None:
+        """The account, not the credentials, stopped the sync: it may come back."""
+        self.recheck_at = self._now() + ACCOUNT_RECHECK_SECONDS
+        self.status.next_sync_at = self.recheck_at
 
     def _stop_round(
         self, reason: str, rkeys: Sequence[str] = (), failure: XrpcError | None = None

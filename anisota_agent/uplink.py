@@ -9,6 +9,7 @@ nothing it waits for can delay the recorder.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import threading
@@ -93,6 +94,8 @@ class Uplink:
     (or in the CLI) and never raises a server or auth failure: those become
     :attr:`problem`, logged on the ``anisota_agent`` logger. Only a login that
     could not reach the PDS raises (:class:`LoginDeferred`): it is to be retried.
+    (Anything else an account change raises is a failure nobody foresaw: the
+    worker reports it.)
     """
 
     def __init__(
@@ -210,11 +213,20 @@ class Uplink:
             return False
         return bool(self.store.due_for_sync(self.engine.did, self._now(), limit=1))
 
+    def recheck_account(self) -> bool:
+        """Ask whether an account that stopped the sync is back, when that is due
+        (see :meth:`SyncEngine.recheck_account`); True if syncing resumes."""
+        return self.engine is not None and self.engine.recheck_account()
+
     def seconds_until_retry(self) -> float | None:
-        """Seconds until a backed-off or budget-limited sync may run again."""
-        if self.engine is None or self.engine.status.auth_problem is not None:
+        """Seconds until a backed-off or budget-limited sync may run again, or
+        until a stopped account is asked again whether it is back."""
+        engine = self.engine
+        if engine is None:
             return None
-        next_at = self.engine.status.next_sync_at
+        status = engine.status
+        # Stopped: only an account's own stop is ever asked about again.
+        next_at = engine.recheck_at if status.auth_problem is not None else status.next_sync_at
         now = self._now()
         # A time already past is nothing to wait for: nothing may be due at all
         # (the queue pruned, say), and waiting 0 s would spin.
@@ -239,12 +251,20 @@ class Uplink:
     def _connect(self, credentials: Credentials) -> None:
         from .sync import SyncEngine
 
+        # Built before the old account goes: a failure here leaves that one as it was.
+        client = None
+        try:
+            client = credentials.client(**self._http)
+            engine = SyncEngine(
+                self.store, client, credentials, now=self._now, reserve_points=self._reserve
+            )
+        except BaseException:
+            if client is not None:
+                client.close()
+            credentials.close()
+            raise
         self._disconnect()
-        self.credentials = credentials
-        client = credentials.client(**self._http)
-        self.engine = SyncEngine(
-            self.store, client, credentials, now=self._now, reserve_points=self._reserve
-        )
+        self.credentials, self.engine = credentials, engine
         self.problem = None
         logger.info("syncing as %s", credentials.describe())
 
@@ -441,23 +461,50 @@ class UplinkWorker:
         assert link is not None
         requests = self._agent._take_auth_requests()
         if first and not requests:
-            did = link.resume()  # reads a file; no request is made until the first sync
+            # Reads a file; no request is made until the first sync.
+            did = self._account_change("resuming the saved login", link.resume)
             self._found(RESUME_TAG, did)
         elif first:
-            self._attribute_stored(RESUME_TAG, link.saved_did())
+            saved = self._account_change("reading the saved login", link.saved_did)
+            self._attribute_stored(RESUME_TAG, saved)
             self._agent._account_found(RESUME_TAG, None)
         for request in requests:
             self._drop_pending_login()
             if request.kind == "host":
                 assert request.did is not None and request.pds_url is not None
-                link.use_host_auth(request.auth, request.did, request.pds_url)
+                use = functools.partial(
+                    link.use_host_auth, request.auth, request.did, request.pds_url
+                )
+                self._account_change("use_auth", use)
             elif request.kind == "password":
                 self._login = request
                 self._login_at = self._mono_s()
                 self._login_delay = LOGIN_RETRY_FIRST
             else:
-                link.logout()
+                self._account_change("logout", link.logout)
         self._refresh_account()
+
+    def _account_change(self, what: str, change: Callable[[], str | None]) -> str | None:
+        """Carry out one account change (login, use_auth, resume, logout); its DID, if any.
+
+        The link turns the failures it expects into its problem. Anything else
+        (a bug, a transport or token store that raises something of its own)
+        ends the change here, once: logged at ERROR by its type and place only
+        (its message may quote the password or a token), counted as
+        ``account_errors``, and shown in ``auth_problem``. Nothing is left to
+        try it again, so it cannot loop.
+        """
+        link = self._link
+        assert link is not None
+        try:
+            return change()
+        except LoginDeferred:
+            raise  # the network's answer: retried with backoff
+        except Exception as failure:
+            link.problem = f"{what} failed: unexpected {type(failure).__name__}"
+            logger.error("%s (raised in %s)", link.problem, _raised_in(failure))
+            self._status.add_counts({"account_errors": 1})
+            return None
 
     def _drop_pending_login(self) -> None:
         """A newer account change replaces a login still being retried."""
@@ -472,8 +519,9 @@ class UplinkWorker:
         if request is None or link is None or self._mono_s() < self._login_at:
             return
         assert request.pds_url and request.identifier and request.password and request.tag
+        login = functools.partial(link.login, request.pds_url, request.identifier, request.password)
         try:
-            did = link.login(request.pds_url, request.identifier, request.password)
+            did = self._account_change("login", login)
         except LoginDeferred as deferred:
             delay = self._login_delay * self._rng.uniform(0.5, 1.5)
             if deferred.retry_at is not None:
@@ -561,6 +609,8 @@ class UplinkWorker:
         assert link is not None
         if self._network.condition == "offline":
             return
+        if deadline is None:  # a closing agent's time belongs to the last sync
+            link.recheck_account()
         self._mirror(link)
         if link.due():
             # A pass ends early, between requests, for an account change or close.
@@ -583,6 +633,17 @@ class UplinkWorker:
             self._mirrored_at = now
             if self._live_record is live:
                 self._live_record = None
+
+
+def _raised_in(failure: BaseException) -> str:
+    """Where ``failure`` was raised, as ``file:line in function``: a clue without its message."""
+    where = failure.__traceback__
+    if where is None:
+        return "an unknown place"
+    while where.tb_next is not None:
+        where = where.tb_next
+    code = where.tb_frame.f_code
+    return f"{code.co_filename}:{where.tb_lineno} in {code.co_name}"
 
 
 def _is_local(engine: SyncEngine | None) -> bool:

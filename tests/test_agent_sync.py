@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import textwrap
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -13,6 +14,7 @@ import httpx
 import pytest
 from agent_helpers import (
     OWNER,
+    SteppedClock,
     fake_keyring,
     run_python,
     session_record,
@@ -23,6 +25,7 @@ from agent_helpers import (
 from pds_harness import Account, PdsServer
 
 from anisota_agent import Agent
+from anisota_agent.sync import ACCOUNT_RECHECK_SECONDS
 from anisota_agent.uplink import RESUME_TAG
 
 COLLECTION = "net.anisota.beta.game.session"
@@ -199,3 +202,62 @@ def test_sessions_awaiting_a_resume_that_never_came_go_to_the_saved_account(
     agent.close()
     assert stored(tmp_path, rkey).did == account.did
     assert stored(tmp_path, rkey).outbox == "synced"
+
+
+class Counting(httpx.HTTPTransport):
+    """httpx's real transport, counting the agent's requests by XRPC method."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        with self._lock:
+            self.calls[request.url.path.removeprefix("/xrpc/")] += 1
+        return super().handle_request(request)
+
+    def snapshot(self) -> Counter[str]:
+        """The calls so far, but the network monitor's probes (it asks after a long silence)."""
+        with self._lock:
+            return Counter({nsid: n for nsid, n in self.calls.items() if nsid != "_health"})
+
+
+def test_a_reactivated_account_is_found_within_the_hour_and_syncs_without_a_new_login(
+    tmp_path: Path, pds: PdsServer, account: Account
+) -> None:
+    transport, clock = Counting(), SteppedClock()
+    agent = Agent("1.0", data_dir=tmp_path, transport=transport, clock=clock).start()
+    try:
+        agent.login(account.handle, account.password, pds_url=pds.url)
+        assert agent.flush()
+        pds.deactivate(account)
+        rkey = str(agent.start_session())
+        agent.end_session("logout")
+        assert agent.flush()
+        stopped = agent.status()
+        assert stopped.auth_problem is not None and "AccountDeactivated" in stopped.auth_problem
+        assert stored(tmp_path, rkey).outbox == "pending"
+        pds.activate(account)
+
+        before = transport.snapshot()
+        clock.step(ACCOUNT_RECHECK_SECONDS - 60)  # not an hour yet: nothing is asked
+        assert agent.flush() and agent.flush()
+        assert transport.snapshot() == before
+        assert agent.status().auth_problem == stopped.auth_problem
+        assert stored(tmp_path, rkey).outbox == "pending"
+
+        clock.step(120)  # past the hour: one getSession, then the sync goes on
+        assert agent.flush()
+        status = agent.status()
+    finally:
+        agent.close()
+    assert status.auth_problem is None and status.account is not None
+    assert transport.snapshot() - before == Counter(
+        {"com.atproto.server.getSession": 1, "com.atproto.repo.applyWrites": 1}
+    )
+    assert stored(tmp_path, rkey).outbox == "synced"
+    assert [item["uri"] for item in pds.list_records(account)] == [
+        f"at://{account.did}/{COLLECTION}/{rkey}"
+    ]
+    assert transport.calls["com.atproto.server.createSession"] == 1  # no new login

@@ -34,7 +34,7 @@ from anisota_agent.auth import AppPasswordSession
 from anisota_agent.clock import TidGenerator
 from anisota_agent.lexicon import validate_record
 from anisota_agent.store import DB_FILENAME, Store, StoredSession
-from anisota_agent.sync import FIRST_BATCH, MAX_BATCH, SyncEngine
+from anisota_agent.sync import ACCOUNT_RECHECK_SECONDS, FIRST_BATCH, MAX_BATCH, SyncEngine
 from anisota_agent.tokens import MemoryTokenStore
 from anisota_agent.uplink import Uplink
 from anisota_agent.xrpc import create_write
@@ -45,6 +45,7 @@ PUT = "com.atproto.repo.putRecord"
 GET = "com.atproto.repo.getRecord"
 LIST = "com.atproto.repo.listRecords"
 REFRESH = "com.atproto.server.refreshSession"
+GET_SESSION = "com.atproto.server.getSession"
 FILLER = "net.anisota.test.filler"  # another collection, to spend a write budget with
 
 
@@ -537,6 +538,51 @@ def test_deactivated_account_found_while_looking_stops_too(
         assert not engine.due() and proxy.requests_seen() == seen
     finally:
         pds.activate(account)
+
+
+def test_a_taken_down_account_is_asked_once_an_hour_and_syncs_once_reinstated(
+    pds: PdsServer, account: Account, store: Store, proxy: FaultProxy, connect: Connect
+) -> None:
+    rkeys = seed(store, account.did, 3)
+    clock = Clock()
+    engine, _ = connect(proxy.url, account, now=clock)
+    pds.takedown(account)
+    try:
+        status = engine.sync()
+        assert status.auth_problem is not None and "AccountTakedown" in status.auth_problem
+        assert engine.recheck_at is not None
+        assert status.next_sync_at == engine.recheck_at
+        assert engine.recheck_at == pytest.approx(time.time() + ACCOUNT_RECHECK_SECONDS, abs=5)
+        seen = proxy.requests_seen()
+        assert not engine.recheck_account() and proxy.requests_seen() == seen  # not yet
+
+        clock.move_to(engine.recheck_at + 1)  # still taken down: getSession is refused
+        first_check = engine.recheck_at
+        assert not engine.recheck_account()
+        assert proxy.requests_seen() == seen + 1 and proxy.requests_seen(xrpc(GET_SESSION)) == 1
+        assert engine.status.auth_problem == status.auth_problem and not engine.due()
+        assert engine.recheck_at >= first_check + ACCOUNT_RECHECK_SECONDS
+        assert not engine.recheck_account()  # the next hour has not come
+    finally:
+        pds.takedown(account, applied=False)
+    clock.move_to(engine.recheck_at + 1)
+    assert engine.recheck_account()
+    assert engine.status.auth_problem is None and engine.recheck_at is None
+    assert store.meta()["status.auth_problem"] is None
+    assert engine.sync().synced == 3
+    assert_exactly_once(pds, account, store, rkeys)
+
+
+def test_revoked_credentials_are_never_asked_again(
+    pds: PdsServer, account: Account, store: Store, proxy: FaultProxy, connect: Connect
+) -> None:
+    seed(store, account.did, 1)
+    pds.revoke_refresh(account)
+    engine, _ = connect(proxy.url, account, access_jwt=pds.mint_expired_access_token(account))
+    assert engine.sync().auth_problem is not None
+    assert engine.recheck_at is None
+    seen = proxy.requests_seen()
+    assert not engine.recheck_account() and proxy.requests_seen() == seen
 
 
 # -- 6. the write budget: a reserve for the game, and 429 -----------------------------------------
