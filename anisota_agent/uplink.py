@@ -546,8 +546,11 @@ class UplinkWorker:
 
     def _attribute_stored(self, tag: str, did: str | None) -> None:
         assert self._link is not None
+        store = self._link.store
         try:
-            self._link.store.attribute(tag, did)
+            if store.attribute(tag, did):
+                # Sessions changed state (pending for did, or local): status shows it now.
+                self._status.update(outbox=store.outbox_counts())
         except Exception as failure:  # the recorder's next round tries again
             logger.error("cannot attribute sessions to %s: %s", did or "no account", failure)
 

@@ -97,7 +97,7 @@ def test_a_login_that_fails_unexpectedly_sets_auth_problem_and_keeps_its_session
     assert status.counters.get("account_errors") == 1 and "worker_errors" not in status.counters
     assert seen == [CREATE]  # one attempt, no retry loop
     assert stored(tmp_path, during).did is None  # recorded, and local
-    assert stored(tmp_path, during).outbox == "pending"
+    assert stored(tmp_path, during).outbox == "local"
     assert stored(tmp_path, after).awaiting_login is None  # the login no longer holds sessions
     assert_reported_once(caplog, status.auth_problem)
 

@@ -351,4 +351,4 @@ def test_levels_rising_in_progress_count_no_level_up(tmp_path: Path) -> None:
     agent.progress(900, level=3)
     agent.action("levelUps")
     agent.close()
-    assert stored_record(tmp_path, rkey)["activitySummary"]["gameActions"] == {"levelUps": 1}
+    assert stored_record(tmp_path, rkey)["activitySummary"]["gameActions"]["levelUps"] == 1

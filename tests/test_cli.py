@@ -46,7 +46,8 @@ def test_status_lists_the_queue(capsys: pytest.CaptureFixture[str], recorded: Re
     data_dir, _ = recorded
     code, out, _ = run(capsys, "--data-dir", str(data_dir), "status")
     assert code == 0
-    assert "sessions: live 1, pending 2, synced 0, quarantined 0" in out
+    # Recorded with no account: local, never uploaded.
+    assert "sessions: live 1, pending 0, local 2, synced 0, quarantined 0" in out
     assert str(data_dir / "agent.sqlite3") in out
 
 
@@ -58,7 +59,7 @@ def test_sessions_table_and_json(capsys: pytest.CaptureFixture[str], recorded: R
     assert lines[0].startswith("RKEY")
     assert [line.split()[0] for line in lines[1:]] == sorted(rkeys, reverse=True)
     code, out, _ = run(
-        capsys, "--data-dir", str(data_dir), "sessions", "--json", "--state", "pending"
+        capsys, "--data-dir", str(data_dir), "sessions", "--json", "--state", "local"
     )
     rows = [json.loads(line) for line in out.splitlines()]
     assert {row["rkey"] for row in rows} == set(rkeys[:2])
@@ -94,7 +95,7 @@ def test_export_then_validate_round_trip(
     assert run(capsys, "--data-dir", str(data_dir), "export", "-o", str(target))[0] == 0
     lines = [json.loads(line) for line in target.read_text().splitlines()]
     assert [line["rkey"] for line in lines] == sorted(rkeys)
-    assert {line["outbox"] for line in lines} == {"pending", "live"}
+    assert {line["outbox"] for line in lines} == {"local", "live"}
     code, out, _ = run(capsys, "validate", str(target))
     assert (code, out) == (0, "3 valid, 0 invalid\n")
 
@@ -144,7 +145,7 @@ def test_demo_console_script(tmp_path: Path) -> None:
     assert record["status"] == "ended"
     assert record["metadata"]["performanceMetrics"]["errorCount"] == 1
     assert len(record["activitySummary"]["pagesVisited"]) == 5
-    assert "sessions: live 0, pending 1" in status
+    assert "sessions: live 0, pending 0, local 1" in status  # the demo has no account
 
 
 def test_an_unreadable_store_is_reported_not_raised(
@@ -295,9 +296,9 @@ def test_data_dir_before_or_after_the_command(
 def test_states_come_from_the_store(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    states = (*OUTBOX_STATES, "local")
+    states = (*OUTBOX_STATES, "archived")  # a state a later version might add
     monkeypatch.setattr(store, "OUTBOX_STATES", states)
-    assert run(capsys, "--data-dir", str(tmp_path), "sessions", "--state", "local")[0] == 0
+    assert run(capsys, "--data-dir", str(tmp_path), "sessions", "--state", "archived")[0] == 0
     code, out, _ = run(capsys, "--data-dir", str(tmp_path), "status")
     assert code == 0
     assert "sessions: " + ", ".join(f"{state} 0" for state in states) + "\n" in out
