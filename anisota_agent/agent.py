@@ -23,6 +23,7 @@ from .checks import (
     check_at_uri,
     check_bool,
     check_choice,
+    check_clock,
     check_did,
     check_int,
     check_number,
@@ -178,7 +179,7 @@ class Agent:
             keyring=keyring,
             transport=transport,
         )
-        self._clock = clock or SystemClock()
+        self._clock = SystemClock() if clock is None else check_clock(clock)
         self._start_over()
         _AGENTS.add(self)
 
@@ -276,7 +277,8 @@ class Agent:
         Returns within about ``timeout`` seconds whatever the disk does; True if
         everything was written in time. Safe to call twice.
         """
-        timeout = check_number("timeout", timeout, 0, 3600)
+        with self._refusals():
+            timeout = check_number("timeout", timeout, 0, 3600)
         self.end_session("app_close")
         with self._lock:
             recorder = self._recorder
@@ -641,6 +643,8 @@ class Agent:
         :meth:`timed_transport` to count those too."""
         from . import timing
 
+        with self._refusals():
+            check_bool("asynchronous", asynchronous)
         factory = timing.async_event_hooks if asynchronous else timing.event_hooks
         return dict(factory(self.report_request))
 
@@ -649,7 +653,8 @@ class Agent:
         failures included (wraps ``inner``, default ``httpx.HTTPTransport()``)."""
         from .timing import TimedTransport
 
-        return TimedTransport(self.report_request, inner)
+        with self._refusals():
+            return TimedTransport(self.report_request, inner)
 
     def async_timed_transport(
         self, inner: httpx.AsyncBaseTransport | None = None
@@ -657,7 +662,8 @@ class Agent:
         """Like :meth:`timed_transport`, for ``httpx.AsyncClient``."""
         from .timing import AsyncTimedTransport
 
-        return AsyncTimedTransport(self.report_request, inner)
+        with self._refusals():
+            return AsyncTimedTransport(self.report_request, inner)
 
     def timed(self) -> Timed:
         """A context manager and decorator (sync or async) that times any call.

@@ -8,13 +8,18 @@ slower work of building the message runs only for a bad value.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from .syntax import MAX_DID_LEN, is_did, is_record_uri
+
+T = TypeVar("T")
 
 __all__ = [
     "MAX_URI_LEN",
     "check_at_uri",
     "check_bool",
     "check_choice",
+    "check_clock",
     "check_did",
     "check_int",
     "check_number",
@@ -145,6 +150,13 @@ def check_path(name: str, value: object) -> str:
     return path
 
 
+def check_clock(value: T) -> T:
+    """Return ``value`` if it has the clock's methods (``wall_ns``, ``monotonic_ns``)."""
+    if callable(getattr(value, "wall_ns", None)) and callable(getattr(value, "monotonic_ns", None)):
+        return value
+    raise TypeError(f"clock must have wall_ns() and monotonic_ns(); got {shown(value)}")
+
+
 def check_optional_bool(name: str, value: object) -> bool | None:
     """Return ``True``, ``False`` or ``None``, else raise naming the field."""
     if value is None or type(value) is bool:
@@ -203,13 +215,17 @@ def check_pds_url(url: object) -> str:
     from urllib.parse import urlsplit
 
     text = check_text("pds_url", url, 2048).strip()
-    parts = urlsplit(text)
-    if parts.scheme not in ("https", "http") or not parts.hostname:
+    try:
+        parts = urlsplit(text)
+        host = parts.hostname
+        parts.port  # noqa: B018  (read for its check: a port out of range raises)
+    except ValueError:  # "Invalid IPv6 URL", "Port out of range": urllib's words
+        raise ValueError(f"pds_url must be https://host; got {shown(text)}") from None
+    if parts.scheme not in ("https", "http") or not host:
         raise ValueError(f"pds_url must be https://host; got {shown(text)}")
-    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+    if parts.scheme == "http" and not is_loopback_host(host):
         raise ValueError(
-            f"pds_url: refusing plain http to a non-loopback PDS"
-            f" ({shown(parts.hostname)}): use https"
+            f"pds_url: refusing plain http to a non-loopback PDS ({shown(host)}): use https"
         )
     if parts.username or parts.password or parts.query or parts.fragment:
         raise ValueError("pds_url must not carry credentials, a query or a fragment")

@@ -18,8 +18,8 @@ __all__ = ["local_sessions"]
 def local_sessions(data_dir: str | os.PathLike[str] | None = None) -> Iterator[dict[str, Any]]:
     """Every session kept in the local store, oldest first, with its outbox state.
 
-    Each item has ``rkey``, ``did``, ``outbox`` (``live``, ``pending``,
-    ``synced`` or ``quarantined``), ``uri`` and ``cid`` (once on the PDS),
+    Each item has ``rkey``, ``did``, ``outbox`` (one of
+    :data:`~anisota_agent.store.OUTBOX_STATES`), ``uri`` and ``cid`` (once on the PDS),
     ``lastError`` and the ``record`` itself: the lines ``anisota-agent export``
     writes. ``data_dir`` is the agent's (default: the platform's user data dir,
     or ``ANISOTA_AGENT_DATA_DIR``). A data dir where nothing was recorded yet

@@ -37,7 +37,8 @@ class AgentStatus(NamedTuple):
         store_path, store_mode: the SQLite file; ``sqlite``, ``memory`` (asked
             for, or after the file failed), ``starting`` or ``stopped``.
         session: the live session's record key, if any.
-        outbox: sessions in the store by state (live, pending, synced, quarantined).
+        outbox: sessions in the store by state (live, pending, local, synced,
+            quarantined), as of the recorder's or the uplink's last round.
         dropped: calls this agent refused or cut short (by kind), since it started.
         counters: losses and failures the background threads counted (failed checkpoints,
             pruned sessions, ...), also kept in the store.

@@ -104,6 +104,16 @@ def classify_exception(error: BaseException) -> str:
     return "server_error"
 
 
+_Transport = TypeVar("_Transport", httpx.BaseTransport, httpx.AsyncBaseTransport)
+
+
+def _checked_inner(inner: object, kind: type[_Transport]) -> _Transport | None:
+    """``inner`` if it is None or a transport of ``kind``, else a TypeError naming it."""
+    if inner is None or isinstance(inner, kind):
+        return inner
+    raise TypeError(f"inner must be an httpx.{kind.__name__} or None; got {type(inner).__name__}")
+
+
 def _guard(report: Report) -> Report:
     """Wrap the sink so that its failure never reaches the host's call."""
     failed = False
@@ -205,7 +215,7 @@ class TimedTransport(httpx.BaseTransport):
         timer: Timer = perf_counter,
     ) -> None:
         self._report = _guard(report)
-        self._inner = inner if inner is not None else httpx.HTTPTransport()
+        self._inner = _checked_inner(inner, httpx.BaseTransport) or httpx.HTTPTransport()
         self._timer = timer
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
@@ -248,7 +258,7 @@ class AsyncTimedTransport(httpx.AsyncBaseTransport):
         timer: Timer = perf_counter,
     ) -> None:
         self._report = _guard(report)
-        self._inner = inner if inner is not None else httpx.AsyncHTTPTransport()
+        self._inner = _checked_inner(inner, httpx.AsyncBaseTransport) or httpx.AsyncHTTPTransport()
         self._timer = timer
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:

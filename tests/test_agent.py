@@ -94,6 +94,17 @@ BAD_CALLS: list[tuple[Callable[[Agent], Any], type[Exception], tuple[str, ...]]]
         ValueError,
         ("did",),
     ),
+    # Found by the property-based test (test_public_api_fuzz.py).
+    (lambda a: a.login("alice.test", "pw", pds_url="https://[::1"), ValueError, ("pds_url",)),
+    (lambda a: a.login("alice.test", "pw", pds_url="https://h:99999"), ValueError, ("pds_url",)),
+    (lambda a: a.close(-1), ValueError, ("timeout",)),
+    (lambda a: a.timed_transport("x"), TypeError, ("inner", "BaseTransport")),  # type: ignore[arg-type]
+    (
+        lambda a: a.async_timed_transport(httpx.HTTPTransport()),  # type: ignore[arg-type]
+        TypeError,
+        ("inner", "AsyncBaseTransport"),
+    ),
+    (lambda a: a.httpx_event_hooks(asynchronous="yes"), TypeError, ("asynchronous", "bool")),  # type: ignore[arg-type]
 ]
 
 
@@ -131,6 +142,9 @@ def test_constructor_refuses_bad_settings() -> None:
         Agent("1.\ud800")
     with pytest.raises(ValueError, match="checkpoint_interval"):
         Agent("1.0", checkpoint_interval=0)
+    for clock in (5, 0, "system"):  # a falsy clock is refused too, never replaced
+        with pytest.raises(TypeError, match="clock must have wall_ns"):
+            Agent("1.0", clock=clock)  # type: ignore[arg-type]
 
 
 def test_activity_without_a_session_is_dropped_and_counted(tmp_path: Path) -> None:
@@ -332,7 +346,9 @@ def test_status_shows_host_calls_at_once_and_the_store_after_a_round(tmp_path: P
     """The README's promise: ``session`` now, ``outbox`` as of the recorder's last round."""
     agent = Agent("1.0", data_dir=tmp_path).start()
     rkey = agent.start_session()
-    assert agent.flush(5, sync=False)
+    # A full round: the uplink finds no saved account (until then the session
+    # awaits the resume and would end ``pending``, not ``local``).
+    assert agent.flush(5)
     assert agent.status().outbox["live"] == 1
     agent.end_session()
     assert agent.status().session is None  # at once
