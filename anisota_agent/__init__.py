@@ -25,6 +25,13 @@ from .records import (
     HOST_END_REASONS,
     PLATFORMS,
 )
+from .remote import (
+    DeleteReport,
+    RemoteAccount,
+    RemoteError,
+    delete_remote_sessions,
+    remote_sessions,
+)
 from .status import AgentStatus
 
 __all__ = [
@@ -36,9 +43,14 @@ __all__ = [
     "Agent",
     "AgentStatus",
     "Clock",
+    "DeleteReport",
     "RecordValidationError",
+    "RemoteAccount",
+    "RemoteError",
     "SystemClock",
     "__version__",
+    "delete_remote_sessions",
     "local_sessions",
+    "remote_sessions",
     "validate_record",
 ]

@@ -154,10 +154,21 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("rkey")
     export = command("export", _export, "every session as JSON lines (record and outbox state)")
     export.add_argument("--output", "-o", type=Path, help="file to write (default: stdout)")
+    export.add_argument(
+        "--remote",
+        action="store_true",
+        help="the logged-in account's session records on its PDS instead (uri, cid, value)",
+    )
     validate = command("validate", _validate, "validate a record file (JSON, or JSON lines)")
     validate.add_argument("file", type=Path)
     purge = command("purge", _purge, "delete every recorded session and counter")
     purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    purge.add_argument(
+        "--remote",
+        action="store_true",
+        help="delete the logged-in account's session records on its PDS instead;"
+        " its local sessions are kept, marked never to be uploaded",
+    )
     demo = command("demo", _demo, "play a short simulated game session end to end")
     demo.add_argument(
         "--seconds",
@@ -301,13 +312,12 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    if args.remote:
+        return _export_remote(args)
     from .data import local_sessions
 
     _open_store(args).close()  # says so when the file cannot be opened
-    try:
-        out = args.output.open("w", encoding="utf-8") if args.output else sys.stdout
-    except OSError as error:
-        raise CliError(f"cannot write {args.output}: {_plain(error)}") from error
+    out = _output(args)
     try:
         for line in local_sessions(_data_dir(args)):
             out.write(json.dumps(line) + "\n")
@@ -315,6 +325,40 @@ def _export(args: argparse.Namespace) -> int:
         if args.output:
             out.close()
     return EXIT_OK
+
+
+def _output(args: argparse.Namespace) -> TextIO:
+    try:
+        return args.output.open("w", encoding="utf-8") if args.output else sys.stdout
+    except OSError as error:
+        raise CliError(f"cannot write {args.output}: {_plain(error)}") from error
+
+
+def _export_remote(args: argparse.Namespace) -> int:
+    from .remote import RemoteError, remote_sessions
+
+    _need_login(args)
+    out = _output(args)
+    written = 0
+    try:
+        for record in remote_sessions(_data_dir(args)):
+            out.write(json.dumps(record) + "\n")
+            written += 1
+    except RemoteError as error:
+        raise CliError(f"export incomplete ({written} records written): {error}") from error
+    finally:
+        if args.output:
+            out.close()
+    return EXIT_OK
+
+
+def _need_login(args: argparse.Namespace) -> None:
+    try:
+        saved = _token_store(args).load()
+    except OSError as error:
+        raise CliError(f"cannot read the saved login: {_plain(error)}") from error
+    if saved is None:
+        raise CliError("not logged in: run `anisota-agent login` first")
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -352,6 +396,8 @@ def _parse_records(text: str, path: Path) -> list[Any]:
 
 
 def _purge(args: argparse.Namespace) -> int:
+    if args.remote:
+        return _purge_remote(args)
     if not args.yes:
         if not sys.stdin.isatty():
             raise CliError("purge deletes every recorded session: pass --yes to confirm")
@@ -365,6 +411,50 @@ def _purge(args: argparse.Namespace) -> int:
     finally:
         store.close()
     print(f"purged {removed} session(s)")
+    return EXIT_OK
+
+
+def _purge_remote(args: argparse.Namespace) -> int:
+    from .remote import RemoteAccount, RemoteError, delete_remote_sessions
+
+    if not args.yes and not sys.stdin.isatty():
+        raise CliError(
+            "purge --remote deletes every session record on the PDS: pass --yes to confirm"
+        )
+    _need_login(args)
+
+    def confirm(account: RemoteAccount, records: int) -> bool:
+        answer = input(
+            f"Delete {records} session record(s) from {account.pds_url} for"
+            f" {account.describe()}, and never upload its local sessions? [y/N] "
+        )
+        return answer.strip().lower() in ("y", "yes")
+
+    bar = _progress_bar(sys.stderr)
+    drawing = False  # a bar line is open on stderr
+
+    def progress(done: int, total: int) -> None:
+        nonlocal drawing
+        drawing = done < total
+        bar(done, total)
+
+    try:
+        report = delete_remote_sessions(
+            _data_dir(args), confirm=None if args.yes else confirm, progress=progress
+        )
+    except RemoteError as error:
+        if drawing:
+            sys.stderr.write("\n")  # the message on a line of its own
+        raise CliError(str(error)) from error
+    if not report.confirmed:
+        print("nothing deleted")
+        return EXIT_OK
+    account = report.account
+    print(
+        f"deleted {report.deleted} session record(s) from {account.pds_url} for"
+        f" {account.describe()}; {report.local_marked} local session(s) marked never to upload"
+        f" ({report.requests} requests, {report.points_spent} rate-limit points)"
+    )
     return EXIT_OK
 
 

@@ -42,6 +42,7 @@ from .records import MAX_RELATED_SESSIONS, to_json
 
 __all__ = [
     "DB_FILENAME",
+    "DELETABLE_STATES",
     "LOST_UNKNOWN",
     "MIGRATIONS",
     "OUTBOX_STATES",
@@ -68,10 +69,14 @@ DB_FILENAME = "agent.sqlite3"
 #: Outbox states. ``live``: being recorded by its owner, not queued yet;
 #: ``pending``: ended, waiting for its sync (or for the login it was recorded
 #: under); ``local``: ended with no account and no login awaited, never
-#: uploaded; ``synced``: on the PDS; ``quarantined``: refused, kept with its error.
-OUTBOX_STATES = ("live", "pending", "local", "synced", "quarantined")
+#: uploaded; ``synced``: on the PDS; ``quarantined``: refused, kept with its error;
+#: ``deleted``: the player deleted the account's records on the PDS
+#: (``purge --remote``): kept locally, never uploaded again.
+OUTBOX_STATES = ("live", "pending", "local", "synced", "quarantined", "deleted")
 #: What goes first when the store is over its size, and the loss it counts as.
 PRUNE_ORDER = (
+    # The player asked for these to be gone from the PDS: no loss to anyone.
+    ("deleted", None),
     ("synced", None),
     ("quarantined", "pruned_quarantined"),
     # Before the pending ones: those may still reach the PDS, these never will.
@@ -79,8 +84,18 @@ PRUNE_ORDER = (
     ("pending", "pruned_unsynced"),
 )
 #: Outbox states a corrupt file's sessions are salvaged from: all but ``synced``
-#: (the PDS holds those already).
-SALVAGE_STATES = tuple(state for state in OUTBOX_STATES if state != "synced")
+#: (the PDS holds those already) and ``deleted`` (never to be uploaded).
+SALVAGE_STATES = tuple(state for state in OUTBOX_STATES if state not in ("synced", "deleted"))
+#: The outbox states :meth:`Store.mark_deleted` takes a session from: waiting
+#: for its upload, or uploaded.
+DELETABLE_STATES = ("pending", "synced")
+#: The outbox states whose sessions go past ``retention_days``, by the column
+#: that dates them, and the loss each counts as.
+_RETENTION = (
+    ("deleted", "checkpointed_at", None),
+    ("synced", "synced_at", None),
+    ("quarantined", "checkpointed_at", "pruned_quarantined"),
+)
 #: :attr:`Salvage.lost` when not even the number of sessions could be read.
 LOST_UNKNOWN = -1
 #: Rows :meth:`Store.prune` deletes at most per call, so one call stays short.
@@ -973,6 +988,8 @@ class Store:
         A row whose rkey is already here replaces the one here, except when:
 
         * the one here is ``synced``: the PDS holds it, nothing may undo that;
+        * the one here is ``deleted``: the player deleted it on the PDS, and a
+          copy taken before must not queue it again;
         * the one here was written later (``checkpointed_at``) and the incoming
           one is not ``synced``: another process sharing the file went on with
           that session after the copy was taken, so the copy is stale.
@@ -990,7 +1007,7 @@ class Store:
             f"INSERT INTO sessions ({', '.join(columns)})"
             f" VALUES ({', '.join(':' + c for c in columns)})"
             f" ON CONFLICT(rkey) DO UPDATE SET {updates}"
-            " WHERE sessions.outbox != 'synced' AND (excluded.outbox = 'synced'"
+            " WHERE sessions.outbox NOT IN ('synced', 'deleted') AND (excluded.outbox = 'synced'"
             " OR sessions.checkpointed_at IS NULL OR excluded.checkpointed_at IS NULL"
             " OR excluded.checkpointed_at >= sessions.checkpointed_at)"
         )
@@ -1070,6 +1087,23 @@ class Store:
         """The PDS refused this record: keep it with the error, stop sending it."""
         self._update_many([rkey], "outbox = 'quarantined', in_flight = 0, last_error = ?", [error])
 
+    @_locked
+    def mark_deleted(self, did: str) -> int:
+        """Never upload the sessions of ``did`` again: its records were deleted on the PDS.
+
+        Its pending and synced sessions become ``deleted`` (kept locally, pruned
+        first); returns how many. Live ones are their recorder's (it writes
+        only while they are live) and quarantined ones are never uploaded anyway.
+        One statement, so a sync round cannot come between a look and the mark.
+        """
+        states = ", ".join(f"'{state}'" for state in DELETABLE_STATES)
+        cursor = self.db.execute(
+            "UPDATE sessions SET outbox = 'deleted', in_flight = 0, next_attempt_at = NULL"
+            f" WHERE did = ? AND outbox IN ({states})",
+            [did],
+        )
+        return int(cursor.rowcount)
+
     def _update_many(
         self, rkeys: list[str], assignments: str, params: list[Any] | None = None
     ) -> None:
@@ -1102,10 +1136,11 @@ class Store:
     ) -> tuple[dict[str, int], bool]:
         """Keep the store within ``max_bytes`` of records and ``max_age_s`` of age.
 
-        Synced sessions past retention go first, then quarantined ones past
-        retention; then, while over ``max_bytes``: synced sessions (they are safe
-        on the PDS), then quarantined ones (the PDS refused them), and only then
-        finished sessions not yet synced, oldest first; live sessions never.
+        Deleted and synced sessions past retention go first, then quarantined
+        ones past retention; then, while over ``max_bytes``: deleted sessions
+        (the player deleted them on the PDS), synced ones (they are safe on the
+        PDS), then quarantined ones (the PDS refused them), and only then finished
+        sessions not yet synced, oldest first; live sessions never.
 
         At most ``max_rows`` rows go per call, so a call stays short whatever the
         store's size. Returns what was dropped, by kind, for the loss counters
@@ -1116,10 +1151,7 @@ class Store:
         dropped: dict[str, int] = {}
         budget = max_rows
         with self._immediate():
-            for outbox, column, loss in (
-                ("synced", "synced_at", None),
-                ("quarantined", "checkpointed_at", "pruned_quarantined"),
-            ):
+            for outbox, column, loss in _RETENTION:
                 if budget <= 0:
                     break
                 old = self.db.execute(
@@ -1188,7 +1220,7 @@ class Store:
                 f"SELECT 1 FROM sessions WHERE outbox = ? AND {column} < ? LIMIT 1",
                 [outbox, cutoff],
             ).fetchone()
-            for outbox, column in (("synced", "synced_at"), ("quarantined", "checkpointed_at"))
+            for outbox, column, _ in _RETENTION
         )
 
     # -- counters of what the agent dropped -----------------------------------

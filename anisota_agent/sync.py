@@ -62,6 +62,9 @@ __all__ = [
     "SyncEngine",
     "SyncStatus",
     "SyncStopped",
+    "budget_key",
+    "recalled_budget",
+    "spare_points",
 ]
 
 MAX_BATCH = MAX_APPLY_WRITES
@@ -84,6 +87,33 @@ ACCOUNT_RECHECK_SECONDS = 3600.0
 
 #: One XRPC call, given the timeout it may take.
 Request = Callable[[float], dict[str, Any]]
+
+
+# -- the write budget (shared with the deletion on the PDS, anisota_agent.remote) -------
+
+
+def budget_key(did: str) -> str:
+    """The store's meta key of the write budget last seen for ``did``."""
+    return f"sync.budget.{did}"
+
+
+def recalled_budget(meta: dict[str, Any], did: str, now: float) -> RateLimit | None:
+    """The budget an earlier writer (another run, the CLI) saved, if its window is current."""
+    saved = meta.get(budget_key(did))
+    if saved and saved.get("reset_at", 0) > now:
+        return RateLimit(**saved)
+    return None
+
+
+def spare_points(budget: RateLimit | None, reserve: int, now: float) -> int | None:
+    """Points a write may spend above ``reserve`` (may be negative: the reserve is reached).
+
+    None when nothing bounds it: no limit reported, or its window has reset since
+    (the next write's answer will tell).
+    """
+    if budget is None or budget.reset_at <= now:
+        return None
+    return budget.remaining - reserve
 
 
 @dataclass
@@ -391,12 +421,11 @@ class SyncEngine:
 
     def _affordable(self, points_each: int) -> int:
         """How many writes fit in the budget above the reserve (at least 1)."""
-        budget = self.status.budget
         if not self._wrote:
             return FIRST_BATCH
-        if budget is None or budget.reset_at <= self._now():
+        spare = spare_points(self.status.budget, self._reserve, self._now())
+        if spare is None:
             return MAX_BATCH  # a new window began; the next answer will tell
-        spare = budget.remaining - self._reserve
         return max(1, min(MAX_BATCH, spare // points_each))
 
     # -- writes ------------------------------------------------------------------
@@ -452,9 +481,8 @@ class SyncEngine:
 
     def _ensure_budget(self, points: int) -> None:
         budget = self.status.budget
-        if budget is None or budget.reset_at <= self._now():
-            return
-        if budget.remaining - points < self._reserve:
+        spare = spare_points(budget, self._reserve, self._now())
+        if budget is not None and spare is not None and points > spare:
             self.status.next_sync_at = budget.reset_at
             self.status.sync_error = (
                 f"write budget reserve reached ({budget.remaining} of {budget.limit} points"
@@ -573,9 +601,9 @@ class SyncEngine:
         Without it a new engine's first batch would be blind, and could spend a
         little of the reserve.
         """
-        saved = self.store.meta().get(f"sync.budget.{self.did}")
-        if saved and saved.get("reset_at", 0) > self._now():
-            self.status.budget = RateLimit(**saved)
+        recalled = recalled_budget(self.store.meta(), self.did, self._now())
+        if recalled is not None:
+            self.status.budget = recalled
             self._wrote = True
 
     def _save_status(self) -> None:
@@ -583,7 +611,7 @@ class SyncEngine:
         budget = asdict(status.budget) if status.budget is not None else None
         try:
             facts = {f"{STATUS_META_PREFIX}{name}": value for name, value in status.facts().items()}
-            self.store.set_meta(facts | {f"sync.budget.{self.did}": budget})
+            self.store.set_meta(facts | {budget_key(self.did): budget})
         except Exception as failure:  # the CLI's view is not worth a lost round
             logger.error("cannot save the sync status: %s", failure)
 

@@ -58,6 +58,7 @@ __all__ = [
     "XrpcClient",
     "XrpcError",
     "create_write",
+    "delete_write",
     "encode_json",
     "error_from_response",
     "parse_rate_limit",
@@ -340,6 +341,11 @@ def create_write(collection: str, rkey: str, value: JsonDict) -> JsonDict:
     }
 
 
+def delete_write(collection: str, rkey: str) -> JsonDict:
+    """An ``applyWrites`` ``#delete`` item."""
+    return {"$type": "com.atproto.repo.applyWrites#delete", "collection": collection, "rkey": rkey}
+
+
 class XrpcClient:
     """Calls one PDS over a single keep-alive :class:`httpx.Client`.
 
@@ -479,9 +485,9 @@ class XrpcClient:
     ) -> JsonDict:
         """``applyWrites``: up to :data:`MAX_APPLY_WRITES` writes in one atomic commit.
 
-        Build ``#create`` items with :func:`create_write`. One bad item (a
-        create of an existing rkey, an update of a missing one) fails the whole
-        batch with a 500
+        Build ``#create`` items with :func:`create_write`, ``#delete`` ones with
+        :func:`delete_write`. One bad item (a create of an existing rkey, an
+        update or delete of a missing one) fails the whole batch with a 500
         (:class:`ServerError`): look at the repo before retrying.
         """
         if not 1 <= len(writes) <= MAX_APPLY_WRITES:
@@ -490,6 +496,19 @@ class XrpcClient:
             "POST",
             "com.atproto.repo.applyWrites",
             body={"repo": repo, "writes": writes},
+            auth=self._need_auth(),
+            timeout=timeout,
+        )
+
+    def delete_record(
+        self, repo: str, collection: str, rkey: str, *, timeout: float | None = None
+    ) -> JsonDict:
+        """``deleteRecord``: ``{commit?}``; a no-op (no ``commit``) when the rkey is free."""
+        body = {"repo": repo, "collection": collection, "rkey": rkey}
+        return self._call(
+            "POST",
+            "com.atproto.repo.deleteRecord",
+            body=body,
             auth=self._need_auth(),
             timeout=timeout,
         )

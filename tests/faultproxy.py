@@ -6,6 +6,7 @@
         proxy.set_mode("hang")         # accept and read requests, never answer
         proxy.set_mode("pass")         # forward (the default)
         proxy.delay(2.0)               # forward, but hold every answer back 2 s
+        proxy.delay(600, "/xrpc/com.atproto.repo.applyWrites")  # ... only these answers
         proxy.drop_response_once("/xrpc/com.atproto.repo.applyWrites")
         proxy.inject_response("/xrpc/com.atproto.repo.putRecord", 502)
         proxy.requests_seen("/xrpc/com.atproto.repo.")
@@ -120,6 +121,7 @@ class _State:
     held: list[str] = field(default_factory=list)
     connections: int = 0
     delay: float = 0.0
+    delay_prefix: str = ""
 
 
 async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
@@ -333,10 +335,15 @@ class FaultProxy:
         """Forward every request and answer at once (clears a :meth:`delay`)."""
         with self._lock:
             self._state.delay = 0.0
+            self._state.delay_prefix = ""
         self.set_mode("pass")
 
-    def delay(self, seconds: float) -> None:
+    def delay(self, seconds: float, path_prefix: str = "") -> None:
         """Forward, holding every answer back ``seconds`` before it is sent.
+
+        With ``path_prefix``, only the answers to requests whose path starts
+        with it wait (a write answered and held while the lists before it were
+        not): the rest go at once.
 
         Each request still reaches the upstream at once (a write commits there
         right away); only its answer waits, as behind a slow PDS or a long link.
@@ -350,6 +357,7 @@ class FaultProxy:
             raise ValueError(f"delay must be >= 0 seconds; got {seconds!r}")
         with self._lock:
             self._state.delay = float(seconds)
+            self._state.delay_prefix = path_prefix
         self.set_mode("pass")
 
     @property
@@ -426,6 +434,7 @@ class FaultProxy:
         """Back to ``pass`` with no delay, no pending drops/injections, zeroed counters."""
         with self._lock:
             self._state.delay = 0.0
+            self._state.delay_prefix = ""
             self._state.held.clear()
             self._state.drops.clear()
             self._state.injections.clear()
@@ -538,7 +547,7 @@ class FaultProxy:
         False if the link was cut (or the proxy stopped) meanwhile: do not answer.
         """
         with self._lock:
-            seconds = self._state.delay
+            seconds = self._state.delay if path.startswith(self._state.delay_prefix) else 0.0
             if seconds > 0:
                 self._state.held.append(path)
                 self._arrived.notify_all()

@@ -226,6 +226,31 @@ def test_delay_forwards_at_once_and_holds_every_answer_back(
     assert proxy.answers_held() == 2
 
 
+def test_delay_of_one_path_holds_only_its_answers(
+    pds: PdsServer, account: Account, proxy: FaultProxy, client: httpx.Client
+) -> None:
+    proxy.delay(30, PUT)
+    assert client.get("/xrpc/_health").status_code == 200  # at once: another path
+    assert proxy.answers_held() == 0
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            put(client, account, "3lbyzq2a3v22c")
+        except BaseException as exc:
+            errors.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    assert proxy.wait_for_held(PUT, timeout=5)
+    assert proxy.answers_held() == 1
+    proxy.cut()
+    caller.join(timeout=5)
+    assert len(errors) == 1 and isinstance(errors[0], httpx.TransportError)
+    proxy.reset()
+    assert put(client, account, "3lbyzq2a3v22d").status_code == 200  # cleared
+
+
 def test_delay_reopens_a_cut_link_and_reset_clears_it(account: Account, proxy: FaultProxy) -> None:
     proxy.cut()
     with pytest.raises(httpx.ConnectError):

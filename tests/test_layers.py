@@ -26,7 +26,7 @@ LAYERS = [
     ["auth"],
     ["sync"],
     ["settings"],
-    ["sessions"],
+    ["remote", "sessions"],
     ["uplink"],
     ["recorder"],
     ["agent"],
