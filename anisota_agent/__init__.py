@@ -10,8 +10,12 @@ Embed it in a game::
     agent.close()
 
 Importing this package is cheap: the store, HTTP client and lexicon validator
-are imported by the agent's background threads when they need them.
+are imported by the agent's background threads when they need them, and
+:mod:`anisota_agent.remote` (the records on the PDS, for a settings screen) at
+the first use of one of its names.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .agent import Agent
@@ -25,14 +29,16 @@ from .records import (
     HOST_END_REASONS,
     PLATFORMS,
 )
-from .remote import (
-    DeleteReport,
-    RemoteAccount,
-    RemoteError,
-    delete_remote_sessions,
-    remote_sessions,
-)
 from .status import AgentStatus
+
+if TYPE_CHECKING:
+    from .remote import (
+        DeleteReport,
+        RemoteAccount,
+        RemoteError,
+        delete_remote_sessions,
+        remote_sessions,
+    )
 
 __all__ = [
     "AUTHENTICATION_METHODS",
@@ -54,3 +60,23 @@ __all__ = [
     "remote_sessions",
     "validate_record",
 ]
+
+#: Names of :mod:`anisota_agent.remote`, imported at first use (about 1 ms of
+#: class creation that a game's start need not pay).
+_REMOTE = frozenset(
+    {"DeleteReport", "RemoteAccount", "RemoteError", "delete_remote_sessions", "remote_sessions"}
+)
+
+
+def __getattr__(name: str) -> Any:
+    """A name of :mod:`anisota_agent.remote`, imported now (PEP 562)."""
+    if name in _REMOTE:
+        from . import remote
+
+        return getattr(remote, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The package's names, the lazily imported ones included."""
+    return sorted(set(globals()) | _REMOTE)

@@ -148,7 +148,7 @@ def test_migration_m003_fills_sizes_and_totals_of_an_m002_store(tmp_path: Path) 
     with store_at(tmp_path) as store:
         assert [m.name for m in migrations.applied(database(store))][-1] == "m004_local"
         counts = {"live": 1, "pending": 5, "local": 0, "synced": 3, "quarantined": 1}
-        assert store.outbox_counts() == counts
+        assert store.outbox_counts() == dict.fromkeys(OUTBOX_STATES, 0) | counts
         assert store.record_bytes_total() == sum(len(row["record"]) for row in rows)
         assert_totals_exact(store)
         # The triggers work on the migrated rows from then on.
@@ -610,7 +610,7 @@ def test_rows_and_absorb_move_sessions_between_stores(tmp_path: Path) -> None:
         assert memory.absorb(unsynced) == 5
         assert [row["rkey"] for row in file_store.rows()] == rkeys
         assert memory.get(rkeys[1]).last_error == "refused"  # type: ignore[union-attr]
-        counts = {"live": 0, "pending": 4, "local": 0, "synced": 0, "quarantined": 1}
+        counts = {"live": 0, "pending": 4, "local": 0, "synced": 0, "quarantined": 1, "deleted": 0}
         assert memory.outbox_counts() == counts
         assert memory.absorb([]) == 0
         assert_totals_exact(memory)
@@ -774,3 +774,38 @@ def test_related_sessions_are_the_newest_few_of_the_day_oldest_first(tmp_path: P
         rkeys = seed(store, DID, MAX_RELATED_SESSIONS + 25)
         related = store.related_rkeys("2026-11-24", DID, exclude=rkeys[-1])
     assert related == rkeys[-1 - MAX_RELATED_SESSIONS : -1]
+
+
+def test_mark_deleted_takes_the_accounts_pending_and_synced_sessions_for_good(
+    tmp_path: Path,
+) -> None:
+    with store_at(tmp_path) as store:
+        pending = seed(store, DID, 2)
+        synced = seed(store, DID, 1)
+        store.mark_synced(synced[0], "at://x", "cid", at=1.0)
+        refused = seed(store, DID, 1)
+        store.quarantine(refused[0], "refused")
+        live_rkey, live_record = session_record(DID, 9)
+        assert store.checkpoint(live_rkey, DID, live_record, OWNER, DAY)
+        other = seed(store, OTHER_DID, 1)
+        copies = store.rows()  # as a memory store or a salvage holds them
+
+        assert store.mark_deleted(DID) == 3
+        outbox = {row["rkey"]: row["outbox"] for row in store.rows()}
+        assert {outbox[rkey] for rkey in pending + synced} == {"deleted"}
+        assert (outbox[refused[0]], outbox[live_rkey], outbox[other[0]]) == (
+            "quarantined",
+            "live",
+            "pending",
+        )
+        assert store.due_for_sync(DID, float("inf"), limit=10) == []
+        assert store.outbox_counts()["deleted"] == 3
+        # A copy taken before cannot queue them again, nor a second mark count them.
+        store.absorb(copies)
+        assert {row["outbox"] for row in store.rows() if row["rkey"] in pending} == {"deleted"}
+        assert store.mark_deleted(DID) == 0
+        assert_totals_exact(store)
+        # Over its size, the store drops them before anything else.
+        dropped, _ = store.prune(max_bytes=1, max_age_s=1e9, now=2.0, max_rows=3)
+        assert dropped == {} and store.outbox_counts()["deleted"] == 0
+        assert_totals_exact(store)
