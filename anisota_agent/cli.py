@@ -395,14 +395,23 @@ def _parse_records(text: str, path: Path) -> list[Any]:
     return [r["record"] if isinstance(r, dict) and "record" in r else r for r in records]
 
 
+def _ask(prompt: str) -> bool:
+    """A yes/no question on the terminal; no unless the answer is yes (end of input: no)."""
+    try:
+        answer = input(prompt)
+    except EOFError:
+        print()
+        return False
+    return answer.strip().lower() in ("y", "yes")
+
+
 def _purge(args: argparse.Namespace) -> int:
     if args.remote:
         return _purge_remote(args)
     if not args.yes:
         if not sys.stdin.isatty():
             raise CliError("purge deletes every recorded session: pass --yes to confirm")
-        answer = input("Delete every recorded session? [y/N] ")
-        if answer.strip().lower() not in ("y", "yes"):
+        if not _ask("Delete every recorded session? [y/N] "):
             print("nothing deleted")
             return EXIT_OK
     store = _open_store(args)
@@ -424,11 +433,10 @@ def _purge_remote(args: argparse.Namespace) -> int:
     _need_login(args)
 
     def confirm(account: RemoteAccount, records: int) -> bool:
-        answer = input(
+        return _ask(
             f"Delete {records} session record(s) from {account.pds_url} for"
             f" {account.describe()}, and never upload its local sessions? [y/N] "
         )
-        return answer.strip().lower() in ("y", "yes")
 
     bar = _progress_bar(sys.stderr)
     drawing = False  # a bar line is open on stderr

@@ -259,11 +259,14 @@ def test_purge_remote_asks_first_and_refuses_without_a_terminal(
     code, _, err = run(capsys, "--data-dir", str(tmp_path), "purge", "--remote")
     assert code == 1 and "--yes" in err  # stdin is no terminal here
     prompts: list[str] = []
-    answers = iter(["n", "y"])
+    answers = iter(["n", None, "y"])
 
     def answer(prompt: str) -> str:
         prompts.append(prompt)
-        return next(answers)
+        given = next(answers)
+        if given is None:
+            raise EOFError  # Ctrl-D: no
+        return given
 
     monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
     monkeypatch.setattr("builtins.input", answer)
@@ -271,12 +274,17 @@ def test_purge_remote_asks_first_and_refuses_without_a_terminal(
         0,
         "nothing deleted\n",
     )
+    assert run(capsys, "--data-dir", str(tmp_path), "purge", "--remote")[:2] == (
+        0,
+        "\nnothing deleted\n",
+    )
     assert len(pds.list_records(account)) == 3
     assert {row.outbox for row in all_sessions(tmp_path)} == {"synced"}  # nor marked
-    assert prompts == [
+    question = (
         f"Delete 3 session record(s) from {pds.url} for {account.handle} ({account.did}),"
         " and never upload its local sessions? [y/N] "
-    ]
+    )
+    assert prompts == [question, question]
     code, out, _ = run(capsys, "--data-dir", str(tmp_path), "purge", "--remote")
     assert code == 0 and out.startswith("deleted 3 session record(s)")
     assert pds.list_records(account) == []
