@@ -76,7 +76,9 @@ def test_minimal_embed_runs_as_a_script(tmp_path: Path) -> None:
     rkey = field(out, r"^session:\s+(\S+)$")
     assert field(out, r"^store:\s+(.*)$") == f"{tmp_path / DB_FILENAME} (sqlite)"
     # No account: the finished session stays local, never uploaded.
-    assert field(out, r"^outbox:\s+(.*)$") == "live 0, pending 0, local 1, synced 0, quarantined 0"
+    assert field(out, r"^outbox:\s+(.*)$") == (
+        "live 0, pending 0, local 1, synced 0, quarantined 0, deleted 0"
+    )
     assert field(out, r"^dropped:\s+(.*)$") == "nothing"
     assert field(out, r"^written:\s+(.*)$") == "yes"
 
