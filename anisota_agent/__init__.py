@@ -25,10 +25,12 @@ from .records import (
     HOST_END_REASONS,
     PLATFORMS,
 )
+from .settings import CONSENT_STATES
 from .status import AgentStatus
 
 __all__ = [
     "AUTHENTICATION_METHODS",
+    "CONSENT_STATES",
     "ENTRY_POINTS",
     "GAME_ACTIONS",
     "HOST_END_REASONS",
