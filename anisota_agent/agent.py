@@ -517,6 +517,7 @@ class Agent:
         None when tracking is disabled, or while the player's consent is ``denied``.
         """
         with self._refusals():
+            keep_query = check_bool("keep_referrer_query", keep_referrer_query)
             context = SessionContext(
                 entry_point=None
                 if entry_point is None
@@ -529,10 +530,7 @@ class Agent:
                 is_new_user=check_optional_bool("is_new_user", is_new_user),
                 referrer=None
                 if referrer is None
-                else clean_referrer(
-                    check_text("referrer", referrer, MAX_REFERRER_LEN),
-                    check_bool("keep_referrer_query", keep_referrer_query),
-                ),
+                else clean_referrer(check_text("referrer", referrer, MAX_REFERRER_LEN), keep_query),
             )
         if not self.enabled or self._consent == "denied":
             return None
