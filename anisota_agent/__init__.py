@@ -29,6 +29,7 @@ from .records import (
     HOST_END_REASONS,
     PLATFORMS,
 )
+from .settings import CONSENT_STATES
 from .status import AgentStatus
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AUTHENTICATION_METHODS",
+    "CONSENT_STATES",
     "ENTRY_POINTS",
     "GAME_ACTIONS",
     "HOST_END_REASONS",

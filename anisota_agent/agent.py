@@ -55,8 +55,10 @@ from .records import (
 from .recovery import LIVE_OWNER_TOKENS
 from .sessions import SessionBook
 from .settings import (
+    CONSENT_STATES,
     DEFAULT_CHECKPOINT_INTERVAL,
     DEFAULT_CLOSE_TIMEOUT,
+    DEFAULT_CONSENT,
     DEFAULT_CONTINUATION_WINDOW,
     DEFAULT_INACTIVITY_TIMEOUT,
     DEFAULT_MAX_SESSION_AGE,
@@ -64,6 +66,7 @@ from .settings import (
     DEFAULT_RETENTION_DAYS,
     DEFAULT_SLOW_THRESHOLD_MS,
     DEFAULT_WRITE_RESERVE,
+    Guard,
     Settings,
 )
 from .status import AgentStatus, StatusBoard
@@ -138,6 +141,18 @@ class Agent:
             through (logins, syncs, probes); default: httpx's own. Tests put
             faults in the network here.
         clock: the wall and monotonic clock (tests inject one).
+        consent: the player's consent until they choose (``granted``, the
+            default; ``pending``: record locally, upload nothing; ``denied``:
+            record nothing). The player's choice (:meth:`set_consent`, or
+            ``anisota-agent consent``) is kept in the store and wins over this
+            argument on every later start.
+        before_record: a guard, ``fn(record) -> record | None``, called on the
+            recorder's thread with a deep copy of each finished record before it
+            is stored final: the record it returns (validated like any other) is
+            what is stored and uploaded; None keeps the session local, never
+            uploaded (outbox ``withheld``), as does a guard that raises or
+            returns anything but a valid record (counted in
+            ``status().counters``, logged). Not with ``mirror_interval``.
     """
 
     def __init__(
@@ -160,6 +175,8 @@ class Agent:
         keyring: bool | None = None,
         transport: httpx.BaseTransport | None = None,
         clock: Clock | None = None,
+        consent: str = DEFAULT_CONSENT,
+        before_record: Guard | None = None,
     ) -> None:
         self._settings = Settings.checked(
             client_version=client_version,
@@ -178,6 +195,8 @@ class Agent:
             retention_days=retention_days,
             keyring=keyring,
             transport=transport,
+            consent=consent,
+            before_record=before_record,
         )
         self._clock = SystemClock() if clock is None else check_clock(clock)
         self._start_over()
@@ -212,6 +231,11 @@ class Agent:
         self._uplink: UplinkWorker | None = None
         self._status = StatusBoard()
         self._restart_in_child = False
+        # The consent in force (the host's default until the recorder has read the
+        # player's stored choice), and a choice of the player's for the recorder.
+        self._consent = self._settings.consent
+        self._consent_asked: str | None = None
+        self._book.recording = self._consent != "denied"
 
     @property
     def client_version(self) -> str:
@@ -267,9 +291,12 @@ class Agent:
         not be shared between processes).
         """
         restart = self._recorder is not None and not self._stopping
+        consent = self._consent  # the player's choice is the child's too
         LIVE_OWNER_TOKENS.discard(self._owner_token)
         self._start_over()
         self._restart_in_child = restart
+        self._consent = consent
+        self._book.recording = consent != "denied"
 
     def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> bool:
         """End the session as ``app_close``, checkpoint it, and stop the background threads.
@@ -341,6 +368,52 @@ class Agent:
             (self._waiters if sync else self._recorded_waiters).append(done)
         recorder.wake.set()
         return done.wait(timeout)
+
+    # -- consent -------------------------------------------------------------------
+
+    def set_consent(self, state: str) -> None:
+        """The player's consent: ``granted``, ``pending`` or ``denied``; kept in the store.
+
+        ``pending`` records locally and uploads nothing; back to ``granted``, what
+        was recorded meanwhile uploads at once (within seconds when online).
+        ``denied`` records nothing from now on (the live session is dropped,
+        ``start_session()`` returns None) and deletes every local session not
+        yet uploaded; those already on the PDS stay there (``anisota-agent
+        purge --remote`` deletes them). Cheap and non-blocking: the recorder
+        keeps the choice and deletes. A disabled agent (``enabled=False``,
+        ``DO_NOT_TRACK``) records nothing whatever the consent, and keeps none.
+        """
+        with self._refusals():
+            state = check_choice("consent", state, CONSENT_STATES)
+        with self._lock:
+            self._consent = state
+            self._consent_asked = state
+            self._apply_consent(state)
+        self._wake()
+        if state == "granted":
+            self._wake_uplink()
+
+    def _apply_consent(self, state: str) -> None:
+        """Under the lock: whether the book records; a denial drops what it holds."""
+        self._book.recording = state != "denied"
+        if state == "denied":
+            self._book.clear()
+
+    def _consent_loaded(self, state: str) -> None:
+        """The consent the recorder found in the store (called by it).
+
+        A choice the player made since (not yet handed to the recorder) is newer
+        and stays.
+        """
+        with self._lock:
+            if self._consent_asked is not None or state == self._consent:
+                return
+            self._consent = state
+            self._apply_consent(state)
+
+    def _uploads_allowed(self) -> bool:
+        """Whether the player's consent lets anything leave (read by the uplink)."""
+        return self._consent == "granted"
 
     def purge(self) -> None:
         """Delete every session and counter in the store (the player's data)."""
@@ -441,9 +514,10 @@ class Agent:
         """Start a new session and return its record key (a TID).
 
         A session already running is ended first as ``user_initiated``. Returns
-        None when tracking is disabled.
+        None when tracking is disabled, or while the player's consent is ``denied``.
         """
         with self._refusals():
+            keep_query = check_bool("keep_referrer_query", keep_referrer_query)
             context = SessionContext(
                 entry_point=None
                 if entry_point is None
@@ -456,12 +530,9 @@ class Agent:
                 is_new_user=check_optional_bool("is_new_user", is_new_user),
                 referrer=None
                 if referrer is None
-                else clean_referrer(
-                    check_text("referrer", referrer, MAX_REFERRER_LEN),
-                    check_bool("keep_referrer_query", keep_referrer_query),
-                ),
+                else clean_referrer(check_text("referrer", referrer, MAX_REFERRER_LEN), keep_query),
             )
-        if not self.enabled:
+        if not self.enabled or self._consent == "denied":
             return None
         if self._restart_in_child:
             self._restart_in_child = False
@@ -702,10 +773,12 @@ class Agent:
                 stopping=self._stopping,
                 purge=self._purge,
                 deadline=self._close_deadline,
+                consent=self._consent_asked,
             )
             self._waiters = []
             self._recorded_waiters = []
             self._purge = False
+            self._consent_asked = None
         return work
 
     def _end_idle(self) -> float:
@@ -741,5 +814,6 @@ class Agent:
             session=live.rkey if live is not None else None,
             dropped=dropped,
             network=self._network.condition,
+            consent=self._consent,
             **facts,
         )

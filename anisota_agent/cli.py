@@ -108,6 +108,7 @@ def _seconds_up_to(most: float) -> Callable[[str], float]:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .settings import CONSENT_STATES
     from .store import OUTBOX_STATES
 
     # On the main parser and every subcommand, so --data-dir goes before or after
@@ -190,6 +191,17 @@ def _parser() -> argparse.ArgumentParser:
         help="give up after this many seconds, 0 to 3600 (default: %(default)g s)",
     )
     command("doctor", _doctor, "check the PDS, the login and the clock skew")
+    consent = command(
+        "consent", _consent, "show the player's consent to upload, or set it (the player's choice)"
+    )
+    consent.add_argument(
+        "state",
+        nargs="?",
+        choices=CONSENT_STATES,
+        metavar="STATE",
+        help=f"{', '.join(CONSENT_STATES)}; none: show it. denied deletes every session"
+        " not uploaded",
+    )
     return parser
 
 
@@ -243,6 +255,27 @@ def _print_store_status(store: Store, out: TextIO, path: Path) -> None:
     losses = store.counters()
     lost = ", ".join(f"{name} {value}" for name, value in sorted(losses.items())) or "none"
     out.write(f"dropped:  {lost}\n")
+    out.write(f"consent:  {_consent_text(store)}\n")
+
+
+def _stored_consent(store: Store) -> tuple[str, str | None]:
+    """The consent in force in ``store`` and who chose it (None: nobody yet)."""
+    from .settings import CONSENT_STATES, DEFAULT_CONSENT
+
+    stored = store.consent()
+    if stored and stored.get("state") in CONSENT_STATES:
+        by = stored.get("by")
+        return str(stored["state"]), by if isinstance(by, str) else None
+    return DEFAULT_CONSENT, None
+
+
+def _consent_text(store: Store) -> str:
+    state, by = _stored_consent(store)
+    chosen = {
+        "player": "the player's choice",
+        "host": "the game's default: the player has not chosen",
+    }.get(by or "", "the default: nothing recorded yet")
+    return f"{state} ({chosen})"
 
 
 def _print_sync_status(store: Store, tokens: TokenStore, out: TextIO) -> None:
@@ -539,6 +572,12 @@ def _flush(args: argparse.Namespace) -> int:
     from .uplink import Uplink
 
     store = _open_store(args)
+    state, _ = _stored_consent(store)
+    if state != "granted":
+        store.close()
+        raise CliError(
+            f"consent is {state}: nothing is uploaded (`anisota-agent consent granted` allows it)"
+        )
     uplink = Uplink(store, _token_store(args))
     try:
         did = uplink.resume()
@@ -557,6 +596,36 @@ def _flush(args: argparse.Namespace) -> int:
     if problem:
         print(f"anisota-agent: {problem}", file=sys.stderr)
     return EXIT_OK if left == 0 else EXIT_FAILURE
+
+
+def _consent(args: argparse.Namespace) -> int:
+    if args.state is None:
+        store = _open_store(args)
+        try:
+            print(f"consent: {_consent_text(store)}")
+        finally:
+            store.close()
+        return EXIT_OK
+    from .store import Store
+
+    # The player's choice is kept: the store is made for it if need be.
+    path = _store_path(args)
+    try:
+        store = Store.open(path)
+    except (sqlite3.Error, OSError) as error:
+        raise CliError(f"cannot open the store at {path}: {_plain(error)}") from error
+    try:
+        store.set_consent(args.state, "player")
+        deleted = store.delete_unsynced() if args.state == "denied" else 0
+    finally:
+        store.close()
+    print(f"consent: {args.state} (the player's choice)")
+    if args.state == "denied":
+        print(
+            f"deleted {deleted} session(s) not uploaded; those on the PDS stay there"
+            " (`anisota-agent purge --remote` deletes them)"
+        )
+    return EXIT_OK
 
 
 def _progress_bar(out: TextIO) -> Callable[[int, int], None]:

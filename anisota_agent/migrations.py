@@ -143,6 +143,17 @@ def m004_local(db: Database) -> None:
     )
 
 
+@migrations()
+def m005_consent(db: Database) -> None:
+    """The player's consent and the ``withheld`` outbox state: no row to change.
+
+    The consent is a ``meta`` row (``consent``: the state and who chose it),
+    written the first time an agent of this version starts; a file without it
+    has the default. ``withheld`` (the host's guard kept a session off the PDS)
+    is new: no older row has it. The set's version says the file may hold both.
+    """
+
+
 def apply(conn: sqlite3.Connection) -> None:
     """Apply the pending migrations on ``conn`` (inside the caller's transaction).
 

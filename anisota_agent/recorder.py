@@ -13,6 +13,11 @@ so recording and syncing go on; the file is retried (backoff up to a minute)
 and everything is written back once it works. A deleted file is re-created
 from the open connection; a corrupt one is moved aside and its readable
 unsynced sessions salvaged. What is lost after all is counted by reason.
+
+The recorder also keeps the player's consent (in the store, read at start and
+each round, so a change made by the CLI or another game window is followed)
+and runs the host's ``before_record`` guard on every finished record before
+storing it final, outside the write transaction.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from .records import SessionState, build_record
 
 if TYPE_CHECKING:
     from .clock import Clock
+    from .guard import Guarded
     from .sessions import Collected
     from .settings import Settings
     from .status import StatusBoard
@@ -58,6 +64,8 @@ class Work(NamedTuple):
     purge: bool
     #: Wall-clock seconds by which a closing agent's last sync must end.
     deadline: float | None
+    #: The consent the player chose since the last round (None: no change).
+    consent: str | None = None
 
 
 class AgentSide(Protocol):
@@ -66,6 +74,8 @@ class AgentSide(Protocol):
     def _collect(self) -> Work: ...
 
     def _end_idle(self) -> float: ...
+
+    def _consent_loaded(self, state: str) -> None: ...
 
 
 def local_day(wall_ms: int) -> str:
@@ -126,6 +136,11 @@ class Recorder:
         # Set by verify_file() on the uplink's thread, acted on in the next round.
         self._file_failure: str | None = None
         self._recover_again = False
+        # The consent in force, and who chose it ("player", or "host": its default).
+        self._consent = settings.consent
+        self._consent_by = "host"
+        # The guard's verdicts on held sessions, by rkey: each record is guarded once.
+        self._guarded: dict[str, Guarded] = {}
         self._thread = threading.Thread(target=self._run, name="anisota-recorder", daemon=True)
 
     def _wall_s(self) -> float:
@@ -190,12 +205,17 @@ class Recorder:
         return max(0.0, min(due))
 
     def _record(self, work: Work) -> bool:
-        """Write the round's sessions; True if a finished one reached the store."""
+        """Write the round's sessions; True if a finished one reached the store
+        (or uploads were just granted: the uplink has work either way)."""
         # Held before anything that could fail: a finished session is never lost
         # to a bug or an error later in the round.
         if work.purge:
             self._held.clear()
-        self._held.extend(work.sessions.finished)
+            self._guarded.clear()
+        granted = self._follow_consent(work.consent)
+        recording = self._consent != "denied"
+        if recording:
+            self._held.extend(work.sessions.finished)
         store = self.store
         assert store is not None
         if work.purge:
@@ -206,9 +226,133 @@ class Recorder:
             for state in self._held:
                 state.attribute(tag, did)
             self._attribute(tag, did)
-        wrote_final = self._write_round(work.sessions.live, work.sessions.now_mono_ns)
+        live = work.sessions.live if recording else None
+        wrote_final = self._write_round(live, work.sessions.now_mono_ns)
         self._refresh_outbox()
-        return wrote_final
+        return wrote_final or granted
+
+    # -- consent -------------------------------------------------------------------
+
+    def _load_consent(self) -> None:
+        """At open: the player's stored choice wins; else the host's default, kept."""
+        from .settings import CONSENT_STATES
+
+        assert self.store is not None
+        try:
+            stored = self.store.consent()
+            if stored and stored.get("by") == "player" and stored.get("state") in CONSENT_STATES:
+                self._consent, self._consent_by = stored["state"], "player"
+            else:
+                self._consent, self._consent_by = self._settings.consent, "host"
+                # Kept so that the CLI (flush, status) knows what holds.
+                if stored != {"state": self._consent, "by": "host"}:
+                    self.store.set_consent(self._consent, "host")
+        except Exception as failure:  # the host's default holds for this run
+            logger.error("cannot read or keep the consent: %s", failure)
+        self._agent._consent_loaded(self._consent)
+        if self._consent == "denied":
+            self._delete_unsynced()
+
+    def _follow_consent(self, asked: str | None) -> bool:
+        """The player's change of this round, or one another process stored; True
+        if uploads were just granted."""
+        from .settings import CONSENT_STATES
+
+        assert self.store is not None
+        before = self._consent
+        if asked is not None:
+            self._consent, self._consent_by = asked, "player"
+            try:
+                self.store.set_consent(asked, "player")
+            except Exception as failure:  # holds for this run; kept again on write-back
+                logger.error("cannot keep the consent %s: %s", asked, failure)
+        else:
+            try:
+                stored = self.store.consent()
+            except Exception as failure:
+                logger.debug("cannot read the stored consent: %s", failure)
+                stored = None
+            state = stored.get("state") if stored and stored.get("by") == "player" else None
+            if state in CONSENT_STATES and state != self._consent:
+                assert isinstance(state, str)
+                logger.info("consent changed to %s by another process", state)
+                self._consent, self._consent_by = state, "player"
+                self._agent._consent_loaded(state)
+        if self._consent == before:
+            return False
+        logger.info("consent: %s", self._consent)
+        if self._consent == "denied":
+            self._held.clear()
+            self._guarded.clear()
+            self._delete_unsynced()
+        return self._consent == "granted"
+
+    def _delete_unsynced(self) -> None:
+        """Consent denied: every session not uploaded goes (those on the PDS stay)."""
+        assert self.store is not None
+        try:
+            deleted = self.store.delete_unsynced()
+        except Exception as failure:
+            logger.error("consent denied, but the sessions not uploaded cannot go: %s", failure)
+            return
+        if deleted:
+            logger.info("consent denied: deleted %d session(s) not uploaded", deleted)
+
+    def _keep_consent_again(self) -> None:
+        """After moving to a fresh file: the consent (and a denial's deletion) holds there too."""
+        assert self.store is not None
+        try:
+            self.store.set_consent(self._consent, self._consent_by)
+        except Exception as failure:
+            logger.error("cannot keep the consent: %s", failure)
+        if self._consent == "denied":
+            self._delete_unsynced()
+
+    # -- the guard -----------------------------------------------------------------
+
+    def _guard_held(self, now_mono_ns: int) -> None:
+        """Run the host's guard on every held session not guarded yet.
+
+        Outside the write transaction: a slow guard holds no lock of the store
+        (nor SQLite's write lock, which other processes wait for).
+        """
+        from .store import is_disk_fault
+
+        if self._settings.before_record is None:
+            return
+        for state in self._held:
+            if state.rkey in self._guarded:
+                continue
+            try:
+                record = self._build(state, now_mono_ns)
+            except Exception as failure:
+                if is_disk_fault(failure):
+                    raise _DiskFault(failure) from failure
+                continue  # the write itself finds it unwritable
+            self._guarded[state.rkey] = self._guard(state.rkey, record)
+
+    def _guard(self, rkey: str, record: dict[str, Any]) -> Guarded:
+        from .guard import apply_guard
+
+        guard = self._settings.before_record
+        assert guard is not None
+        guarded = apply_guard(guard, record, rkey)
+        if guarded.counter is not None:
+            self._count({guarded.counter: 1})
+        return guarded
+
+    def _guard_expired(
+        self, rkey: str, record: dict[str, Any]
+    ) -> tuple[dict[str, Any], str | None]:
+        """Recovery's hook: an expired session's record is finished too."""
+        guarded = self._guard(rkey, record)
+        return guarded.record, guarded.withheld
+
+    def _build(self, state: SessionState, now_mono_ns: int) -> dict[str, Any]:
+        assert self.store is not None
+        day = local_day(state.started_wall_ms)
+        related = self.store.related_rkeys(day, state.did, state.rkey) if state.did else []
+        return build_record(state, now_mono_ns, related)
 
     def _write_round(self, live: SessionState | None, now_mono_ns: int) -> bool:
         """The live session and every held one in one commit; True if any was final.
@@ -224,6 +368,7 @@ class Recorder:
         assert store is not None
         for _ in range(2):
             try:
+                self._guard_held(now_mono_ns)
                 with store.transaction():
                     if live is not None:
                         self._save(live, now_mono_ns, final=False)
@@ -238,6 +383,7 @@ class Recorder:
             else:
                 wrote_final = bool(self._held)
                 self._held.clear()
+                self._guarded.clear()
                 return wrote_final
         return False
 
@@ -260,14 +406,31 @@ class Recorder:
         store, owner = self.store, self._owner
         assert store is not None and owner is not None
         day = local_day(state.started_wall_ms)
-        write = store.finalize if final else store.checkpoint
         record: dict[str, Any] | None = None
         try:
-            related = store.related_rkeys(day, state.did, state.rkey) if state.did else []
-            record = build_record(state, now_mono_ns, related)
-            kept = write(
-                state.rkey, state.did, record, owner, day, awaiting_login=state.awaiting_login
-            )
+            guarded = self._guarded.get(state.rkey) if final else None
+            if guarded is None:
+                record = self._build(state, now_mono_ns)
+                if final and self._settings.before_record is not None:
+                    guarded = self._guarded[state.rkey] = self._guard(state.rkey, record)
+            if guarded is not None:
+                record = guarded.record
+            assert record is not None
+            if final:
+                kept = store.finalize(
+                    state.rkey,
+                    state.did,
+                    record,
+                    owner,
+                    day,
+                    None if guarded is None else guarded.withheld,
+                    awaiting_login=state.awaiting_login,
+                    withheld=guarded is not None and guarded.withheld is not None,
+                )
+            else:
+                kept = store.checkpoint(
+                    state.rkey, state.did, record, owner, day, awaiting_login=state.awaiting_login
+                )
         except Exception as failure:
             if is_disk_fault(failure):
                 raise _DiskFault(failure) from failure
@@ -331,6 +494,7 @@ class Recorder:
         if settings.in_memory:
             self.store = Store(None)
             self._status.update(store_path=None, store_mode="memory")
+            self._load_consent()
             return
         try:
             directory = settings.store_dir()
@@ -341,9 +505,11 @@ class Recorder:
         except Exception as failure:  # no data dir, or a file that cannot be opened
             self.store = Store(None)
             self._fall_back(f"cannot open the store at {self._path or 'the data dir'}: {failure}")
+            self._load_consent()
             return
         self._status.update(store_mode="sqlite")
         self._report_salvage()
+        self._load_consent()
 
     def verify_file(self) -> None:
         """The full integrity check of the file; called by the uplink, once, at start.
@@ -482,6 +648,7 @@ class Recorder:
             return
         store.adopt(fresh)
         self._degraded = False
+        self._keep_consent_again()
         logger.warning("the store file works again: every session written back to it")
         self._status.update(store_mode="sqlite")
         self._count({"store_restored": 1})
@@ -494,8 +661,9 @@ class Recorder:
 
         assert self.store is not None
         now_ms = int(self._wall_s() * 1000)
+        guard = None if self._settings.before_record is None else self._guard_expired
         recovered = expire_dead_sessions(
-            self.store, now_ms, int(self._settings.max_session_age * 1000)
+            self.store, now_ms, int(self._settings.max_session_age * 1000), guard
         )
         self._status.update(recovered=recovered)
         if recovered:

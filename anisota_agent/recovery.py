@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from .clock import parse_datetime
 from .records import expire_record
@@ -19,7 +20,13 @@ from .records import expire_record
 if TYPE_CHECKING:
     from .store import Store, StoredSession
 
-__all__ = ["LIVE_OWNER_TOKENS", "expire_dead_sessions", "owner_alive", "process_started"]
+__all__ = [
+    "LIVE_OWNER_TOKENS",
+    "RecordGuard",
+    "expire_dead_sessions",
+    "owner_alive",
+    "process_started",
+]
 
 logger = logging.getLogger("anisota_agent")
 
@@ -80,17 +87,28 @@ def owner_alive(pid: int | None, started: float | None, token: str | None) -> bo
     return True
 
 
-def expire_dead_sessions(store: Store, now_ms: int, max_age_ms: int) -> int:
+#: ``guard(rkey, record)``: the record to store and whether the host's guard
+#: withheld it (see :mod:`anisota_agent.guard`).
+RecordGuard = Callable[[str, dict[str, Any]], tuple[dict[str, Any], str | None]]
+
+
+def expire_dead_sessions(
+    store: Store, now_ms: int, max_age_ms: int, guard: RecordGuard | None = None
+) -> int:
     """Expire the live sessions whose owner died or that outlived ``max_age_ms``.
 
     Returns how many were expired. Validation waits for the sync, which checks
-    every record before it leaves.
+    every record before it leaves. ``guard`` sees each expired record before it
+    is stored final, as a finished session's (a reason it gives withholds it).
     """
     expired = 0
     for stale in store.live_sessions():
         if not _should_expire(stale, now_ms, max_age_ms):
             continue
-        if store.expire(stale, expire_record(stale.record, now_ms), None):
+        record, withheld = expire_record(stale.record, now_ms), None
+        if guard is not None:
+            record, withheld = guard(stale.rkey, record)
+        if store.expire(stale, record, withheld, withheld=withheld is not None):
             expired += 1
     if expired:
         logger.info("recovered %d session(s) left active by a dead process", expired)

@@ -89,6 +89,9 @@ class SessionBook:
         #: account it yields (see :attr:`SessionState.awaiting_login`).
         self.awaiting: str | None = None
         self._attributions: list[tuple[str, str | None]] = []
+        #: False while the player's consent is ``denied``: nothing is recorded, and
+        #: a call with no session is no loss to count.
+        self.recording = True
 
     # -- beginning and ending --------------------------------------------------
 
@@ -195,7 +198,7 @@ class SessionBook:
             self._end_if_idle(now)
             session = self._resume()
             if session is None:
-                if self._settings.enabled:
+                if self._settings.enabled and self.recording:
                     self._dropped["calls_without_session"] += 1
                 return None
         session.total_events += 1

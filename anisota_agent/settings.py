@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .checks import (
@@ -19,7 +20,7 @@ from .records import MAX_CLIENT_VERSION_LEN, PLATFORMS
 if TYPE_CHECKING:
     from pathlib import Path  # pathlib costs the game ~7 ms to import: the threads pay it
 
-__all__ = ["Settings", "tracking_disabled_by_env"]
+__all__ = ["CONSENT_STATES", "DEFAULT_CONSENT", "Guard", "Settings", "tracking_disabled_by_env"]
 
 _DAY = 24 * 3600.0
 
@@ -32,6 +33,17 @@ DEFAULT_WRITE_RESERVE = 1000
 DEFAULT_MAX_STORE_BYTES = 20_000_000  # of records: about 20,000 typical sessions
 DEFAULT_RETENTION_DAYS = 30.0
 DEFAULT_SLOW_THRESHOLD_MS = 2000.0
+
+#: The player's consent to upload: ``granted`` (record and upload), ``pending``
+#: (record locally, upload nothing until granted), ``denied`` (record nothing,
+#: delete what was not uploaded).
+CONSENT_STATES = ("granted", "pending", "denied")
+#: The consent of a player who has not chosen, unless the host passes another.
+DEFAULT_CONSENT = "granted"
+
+#: ``Agent(before_record=...)``: a finished record in, the record to store and
+#: upload out (or None: keep the session local, never uploaded).
+Guard = Callable[[dict[str, Any]], Any]
 
 
 def tracking_disabled_by_env() -> bool:
@@ -63,6 +75,10 @@ class Settings(NamedTuple):
     keyring: bool | None
     #: The ``httpx`` transport every request to the PDS goes through (None: httpx's own).
     transport: Any = None
+    #: The consent when the player has not chosen (their choice, kept in the store, wins).
+    consent: str = DEFAULT_CONSENT
+    #: The guard every finished record goes through before it is stored final.
+    before_record: Guard | None = None
 
     @classmethod
     def checked(
@@ -84,6 +100,8 @@ class Settings(NamedTuple):
         retention_days: object = DEFAULT_RETENTION_DAYS,
         keyring: object = None,
         transport: object = None,
+        consent: object = DEFAULT_CONSENT,
+        before_record: object = None,
     ) -> Settings:
         """Check every value, naming the field of the first one out of bounds.
 
@@ -92,6 +110,17 @@ class Settings(NamedTuple):
         if transport is not None and not callable(getattr(transport, "handle_request", None)):
             raise TypeError(
                 f"transport must be an httpx.BaseTransport; got {type(transport).__name__}"
+            )
+        if before_record is not None and not callable(before_record):
+            raise TypeError(
+                "before_record must be a callable taking a record and returning a record"
+                f" or None; got {type(before_record).__name__}"
+            )
+        if before_record is not None and mirror_interval is not None:
+            # A mirror puts the live session on the PDS before the guard has seen it.
+            raise ValueError(
+                "mirror_interval must be None when before_record is set: a mirror would"
+                " publish the live session before the guard sees it"
             )
         in_memory = check_bool("in_memory", in_memory)
         if data_dir is not None:
@@ -117,6 +146,8 @@ class Settings(NamedTuple):
             retention_days=check_seconds("retention_days", retention_days, 1, 3650),
             keyring=check_optional_bool("keyring", keyring),
             transport=transport,
+            consent=check_choice("consent", consent, CONSENT_STATES),
+            before_record=before_record,
         )
 
     def store_dir(self) -> Path | None:

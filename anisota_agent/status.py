@@ -3,7 +3,8 @@
 Each fact has one owner, and one name everywhere (here, in the store's ``status.*``
 meta keys the CLI reads, and in :class:`~anisota_agent.sync.SyncStatus`):
 
-- the agent: ``enabled``, ``running``, ``session``, ``dropped``, ``network``;
+- the agent: ``enabled``, ``running``, ``session``, ``dropped``, ``network``,
+  ``consent``;
 - the recorder: ``store_path``, ``store_mode``, ``counters``, ``last_error``,
   ``recovered``; the store: ``outbox``, published by the thread that changed it
   (the recorder each round, the uplink after a sync pass);
@@ -38,7 +39,7 @@ class AgentStatus(NamedTuple):
             for, or after the file failed), ``starting`` or ``stopped``.
         session: the live session's record key, if any.
         outbox: sessions in the store by state (live, pending, local, synced,
-            quarantined), as of the recorder's or the uplink's last round.
+            quarantined, withheld), as of the recorder's or the uplink's last round.
         dropped: calls this agent refused or cut short (by kind), since it started.
         counters: losses and failures the background threads counted (failed checkpoints,
             pruned sessions, ...), also kept in the store.
@@ -49,6 +50,8 @@ class AgentStatus(NamedTuple):
             stopped for it (revoked, deactivated, a failed login).
         last_sync_at, next_sync_at, sync_error: the sync's last success (Unix
             time), its next attempt when waiting (backoff, budget), its last error.
+        consent: the player's consent in force: ``granted``, ``pending`` (recorded
+            locally, nothing uploaded) or ``denied`` (nothing recorded).
     """
 
     enabled: bool
@@ -67,6 +70,7 @@ class AgentStatus(NamedTuple):
     last_sync_at: float | None
     next_sync_at: float | None
     sync_error: str | None
+    consent: str
 
 
 #: The facts of :class:`AgentStatus` the background threads own, with their values

@@ -41,6 +41,7 @@ from ._files import create_private_file, make_private_dir, remove_stale_temp_fil
 from .records import MAX_RELATED_SESSIONS, to_json
 
 __all__ = [
+    "CONSENT_META_KEY",
     "DB_FILENAME",
     "DELETABLE_STATES",
     "LOST_UNKNOWN",
@@ -49,6 +50,7 @@ __all__ = [
     "PRUNE_MAX_ROWS",
     "PRUNE_ORDER",
     "SALVAGE_STATES",
+    "UNSYNCED_STATES",
     "WAL_BACKSTOP_PAGES",
     "Owner",
     "Salvage",
@@ -70,9 +72,11 @@ DB_FILENAME = "agent.sqlite3"
 #: ``pending``: ended, waiting for its sync (or for the login it was recorded
 #: under); ``local``: ended with no account and no login awaited, never
 #: uploaded; ``synced``: on the PDS; ``quarantined``: refused, kept with its error;
-#: ``deleted``: the player deleted the account's records on the PDS
-#: (``purge --remote``): kept locally, never uploaded again.
-OUTBOX_STATES = ("live", "pending", "local", "synced", "quarantined", "deleted")
+#: ``withheld``: the host's ``before_record`` guard kept it off the PDS (it
+#: returned None, raised, or returned something that is not a valid record),
+#: never uploaded. ``deleted``: the player deleted the account's records on the
+#: PDS (``purge --remote``): kept locally, never uploaded again.
+OUTBOX_STATES = ("live", "pending", "local", "synced", "quarantined", "withheld", "deleted")
 #: What goes first when the store is over its size, and the loss it counts as.
 PRUNE_ORDER = (
     # The player asked for these to be gone from the PDS: no loss to anyone.
@@ -81,6 +85,7 @@ PRUNE_ORDER = (
     ("quarantined", "pruned_quarantined"),
     # Before the pending ones: those may still reach the PDS, these never will.
     ("local", "pruned_unsynced"),
+    ("withheld", "pruned_unsynced"),
     ("pending", "pruned_unsynced"),
 )
 #: Outbox states a corrupt file's sessions are salvaged from: all but ``synced``
@@ -96,6 +101,10 @@ _RETENTION = (
     ("synced", "synced_at", None),
     ("quarantined", "checkpointed_at", "pruned_quarantined"),
 )
+#: Every state but ``synced``: what a player's ``denied`` deletes.
+UNSYNCED_STATES = tuple(state for state in OUTBOX_STATES if state != "synced")
+#: The meta key of the consent: ``{"state": ..., "by": "player" | "host"}``.
+CONSENT_META_KEY = "consent"
 #: :attr:`Salvage.lost` when not even the number of sessions could be read.
 LOST_UNKNOWN = -1
 #: Rows :meth:`Store.prune` deletes at most per call, so one call stays short.
@@ -106,7 +115,7 @@ MIGRATION_SET = "anisota_agent"
 #: The names of its migrations, in order, as :mod:`anisota_agent.migrations`
 #: defines them (a test keeps the two equal): a file that has applied all of
 #: them opens without importing that module, nor sqlite-utils.
-MIGRATIONS = ("m001_sessions", "m002_sync", "m003_bounds", "m004_local")
+MIGRATIONS = ("m001_sessions", "m002_sync", "m003_bounds", "m004_local", "m005_consent")
 #: Sets a meta key to a JSON text, whether it is there or not.
 _UPSERT_META = (
     "INSERT INTO meta(key, value) VALUES(?, ?)"
@@ -780,12 +789,17 @@ class Store:
         error: str | None = None,
         *,
         awaiting_login: str | None = None,
+        withheld: bool = False,
     ) -> bool:
         """Queue an ended session for sync, or quarantine it with ``error``.
 
-        False if another process already took the session over (recovery).
+        ``withheld``: the host's guard kept it off the PDS (``error`` says why):
+        stored ``withheld``, never uploaded. False if another process already
+        took the session over (recovery).
         """
-        if error:
+        if withheld:
+            outbox = "withheld"
+        elif error:
             outbox = "quarantined"
         elif did is None and awaiting_login is None:
             outbox = "local"  # unless the stored row has an account by now: see _write
@@ -814,7 +828,8 @@ class Store:
             "owner_started": owner.started,
             "owner_token": owner.token,
             "started_at": record["startedAt"],
-            "last_activity_at": record["lastActivityAt"],
+            # Optional in the lexicon: a guard may leave it out.
+            "last_activity_at": record.get("lastActivityAt"),
             "local_day": local_day,
             "record": text,
             "record_bytes": len(text),
@@ -866,11 +881,21 @@ class Store:
         return self._select("outbox = 'live'")
 
     @_locked
-    def expire(self, stale: StoredSession, record: dict[str, Any], error: str | None) -> bool:
-        """Queue a dead owner's session as expired; False if someone else already did."""
+    def expire(
+        self,
+        stale: StoredSession,
+        record: dict[str, Any],
+        error: str | None,
+        *,
+        withheld: bool = False,
+    ) -> bool:
+        """Queue a dead owner's session as expired; False if someone else already did.
+
+        ``withheld``: the host's guard kept it off the PDS (see :meth:`finalize`).
+        """
         text = to_json(record)
         # checkpointed_at: the latest write of the row, which absorb() compares.
-        outbox = "'quarantined'" if error else _ENDED_OUTBOX
+        outbox = "'withheld'" if withheld else "'quarantined'" if error else _ENDED_OUTBOX
         cursor = self.db.execute(
             f"UPDATE sessions SET status=?, outbox={outbox}, record=?, record_bytes=?,"
             " last_error=?, checkpointed_at=? WHERE rkey=? AND outbox='live' AND owner_token IS ?",
@@ -1120,6 +1145,33 @@ class Store:
             self.db.executemany(
                 _UPSERT_META, [[key, to_json(value)] for key, value in values.items()]
             )
+
+    @_locked
+    def consent(self) -> dict[str, Any] | None:
+        """The stored consent, ``{"state": ..., "by": "player" | "host"}``; None if none."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", [CONSENT_META_KEY]).fetchone()
+        if row is None:
+            return None
+        try:
+            value = json.loads(row[0])
+        except (TypeError, ValueError):
+            return None
+        return value if isinstance(value, dict) else None
+
+    @_locked
+    def set_consent(self, state: str, by: str) -> None:
+        """Keep the consent ``state``, chosen ``by`` the player or the host's default."""
+        self.set_meta({CONSENT_META_KEY: {"state": state, "by": by}})
+
+    @_locked
+    def delete_unsynced(self) -> int:
+        """Delete every session not on the PDS (all but ``synced``); returns how many."""
+        with self._immediate():
+            cursor = self.db.execute(
+                f"DELETE FROM sessions WHERE outbox IN ({', '.join('?' for _ in UNSYNCED_STATES)})",
+                list(UNSYNCED_STATES),
+            )
+        return int(cursor.rowcount)
 
     @_locked
     def meta(self) -> dict[str, Any]:

@@ -86,6 +86,8 @@ class AccountSide(Protocol):
 
     def _wake(self) -> None: ...
 
+    def _uploads_allowed(self) -> bool: ...
+
 
 class Uplink:
     """The link to the player's PDS: the account, its client and sync engine.
@@ -569,7 +571,9 @@ class UplinkWorker:
         )
 
     def _interrupted(self) -> bool:
-        return self._stopping or self._agent._has_auth_requests()
+        return (
+            self._stopping or self._agent._has_auth_requests() or not self._agent._uploads_allowed()
+        )
 
     # -- the network -----------------------------------------------------------------
 
@@ -610,8 +614,8 @@ class UplinkWorker:
         """Sync what is due (unless offline), and mirror the live session if asked."""
         link = self._link
         assert link is not None
-        if self._network.condition == "offline":
-            return
+        if self._network.condition == "offline" or not self._agent._uploads_allowed():
+            return  # offline, or the player has not granted consent: nothing leaves
         if deadline is None:  # a closing agent's time belongs to the last sync
             link.recheck_account()
         self._mirror(link)

@@ -76,9 +76,8 @@ def test_minimal_embed_runs_as_a_script(tmp_path: Path) -> None:
     rkey = field(out, r"^session:\s+(\S+)$")
     assert field(out, r"^store:\s+(.*)$") == f"{tmp_path / DB_FILENAME} (sqlite)"
     # No account: the finished session stays local, never uploaded.
-    assert field(out, r"^outbox:\s+(.*)$") == (
-        "live 0, pending 0, local 1, synced 0, quarantined 0, deleted 0"
-    )
+    outbox = field(out, r"^outbox:\s+(.*)$")
+    assert outbox == "live 0, pending 0, local 1, synced 0, quarantined 0, withheld 0, deleted 0"
     assert field(out, r"^dropped:\s+(.*)$") == "nothing"
     assert field(out, r"^written:\s+(.*)$") == "yes"
 
@@ -184,3 +183,20 @@ def test_offline_sync_records_the_outage_in_the_session_it_hit(offline_run: Offl
     conditions = [condition for _, _, condition, _ in offline_run.sessions]
     # Offline for 0 s, 1.25 s (from the 3rd failed request at 2.75 s) and 0.75 s of 2 s each.
     assert conditions == ["online", "offline", "online"], offline_run.out
+
+
+def test_consent_and_guard_keeps_the_referrers_origin_and_the_players_yes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert example_main("consent_and_guard")(["--data-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert '"referrer": "https://anisota.net"' in out
+    assert "alice" not in out
+    assert out.rstrip().endswith("consent: granted")
+    (row,) = stored_records(tmp_path).values()
+    assert row.record["sessionContext"]["referrer"] == "https://anisota.net"
+    store = Store.open(tmp_path / DB_FILENAME)
+    try:
+        assert store.consent() == {"state": "granted", "by": "player"}
+    finally:
+        store.close()

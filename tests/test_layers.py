@@ -20,7 +20,7 @@ LAYERS = [
     ["clock", "network"],
     ["lexicon"],
     ["records"],
-    ["migrations"],
+    ["guard", "migrations"],
     ["store"],
     ["data", "recovery", "xrpc"],
     ["auth"],

@@ -51,6 +51,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_sta
 
 from anisota_agent import (
     AUTHENTICATION_METHODS,
+    CONSENT_STATES,
     ENTRY_POINTS,
     GAME_ACTIONS,
     HOST_END_REASONS,
@@ -387,6 +388,7 @@ AUTH_METHOD = optional(choice_param(AUTHENTICATION_METHODS))
 REASON = choice_param(HOST_END_REASONS)
 KIND = choice_param(GAME_ACTIONS)
 PLATFORM = choice_param(PLATFORMS)
+CONSENT = choice_param(CONSENT_STATES)
 OUTCOME = choice_param(("ok", "server_error", "network_error"))
 COUNT = int_param(1, MAX_COUNT)
 XP = int_param(0, MAX_XP)
@@ -615,6 +617,7 @@ SETTINGS: dict[str, Param] = {
     "slow_threshold_ms": number_param(1, 600_000),
     "max_store_bytes": int_param(100_000, 2**40),
     "retention_days": number_param(1, 3650),
+    "consent": CONSENT,
 }
 
 
@@ -878,6 +881,8 @@ class AgentMachine(RuleBasedStateMachine):
         self.agent: Agent | None = None
         self.failed = False
         self.enabled = True
+        #: The consent in force (each run has a fresh store: nobody chose yet).
+        self.consent = "granted"
         self.client_version = "1.0"
         self.platform = "desktop"
         self.did: str | None = None
@@ -902,7 +907,7 @@ class AgentMachine(RuleBasedStateMachine):
     def activity(self) -> Session | None:
         """An accepted activity call: the live session, with the call counted."""
         if self.live is None:
-            if self.enabled:
+            if self.enabled and self.consent != "denied":
                 self.dropped["calls_without_session"] += 1
             return None
         self.live.total_events += 1
@@ -943,6 +948,7 @@ class AgentMachine(RuleBasedStateMachine):
         live = self.live.rkey if self.live is not None else None
         assert status.session == live, f"status().session is {status.session}, expected {live}"
         assert status.enabled == self.enabled
+        assert status.consent == self.consent, f"consent {status.consent}, not {self.consent}"
         if self.enabled:
             expected = {kind: count for kind, count in self.dropped.items() if count}
             assert status.dropped == expected, (
@@ -998,6 +1004,7 @@ class AgentMachine(RuleBasedStateMachine):
             note("fell back to Agent('1.0')")
         else:
             self.enabled = bool(real.get("enabled", True))
+            self.consent = str(real.get("consent", "granted"))
             self.client_version = str(real["client_version"])
             self.platform = str(real.get("platform", "desktop"))
             assert (agent.client_version, agent.platform, agent.enabled) == (
@@ -1067,7 +1074,7 @@ class AgentMachine(RuleBasedStateMachine):
         if not ok:
             self.refused()
             return
-        if not self.enabled:
+        if not self.enabled or self.consent == "denied":
             assert rkey is None
             return
         assert isinstance(rkey, str) and rkey not in self.sessions, rkey
@@ -1444,6 +1451,23 @@ class AgentMachine(RuleBasedStateMachine):
         else:
             self.check_store({})
 
+    @rule(state=CONSENT.full)
+    @step
+    def set_consent(self, state: Arg) -> None:
+        ok, _ = attempt(
+            call_label("set_consent", state=state),
+            lambda: self.a.set_consent(state.value),
+            {"consent": CONSENT.verdict(state.value)},
+        )
+        if not ok:
+            self.refused()
+            return
+        self.consent = state.value
+        if state.value == "denied" and self.enabled:
+            # Dropped, not ended; nothing here reaches a PDS, so nothing is kept.
+            self.live = None
+            self.sessions.clear()
+
     @rule()
     @step
     def purge(self) -> None:
@@ -1539,6 +1563,7 @@ COVERED = {
     "close": "close",
     "flush": "flush",
     "purge": "purge",
+    "set_consent": "set_consent",
     "use_auth": "use_auth",
     "login": "login",
     "logout": "logout",

@@ -262,7 +262,7 @@ def test_salvage_keeps_unsynced_sessions_owners_counters_and_meta(tmp_path: Path
         store.verify()
         assert store.salvage is not None
         assert (store.salvage.salvaged, store.salvage.lost) == (45, len(lost))
-        counts = {"live": 5, "pending": 35, "local": 0, "synced": 0, "quarantined": 5, "deleted": 0}
+        counts = dict.fromkeys(OUTBOX_STATES, 0) | {"live": 5, "pending": 35, "quarantined": 5}
         assert store.outbox_counts() == counts
         assert store.counters() == {"pruned_unsynced": 4}
         assert store.meta() == {"sync.last": {"at": 5}}
