@@ -81,11 +81,23 @@ def test_migrations_apply_once_and_wal_is_on(tmp_path: Path) -> None:
     store = Store.open(path)  # a second start applies nothing again
     try:
         applied = [migration.name for migration in migrations.applied(database(store))]
-        assert applied == ["m001_sessions", "m002_sync", "m003_bounds", "m004_local"]
+        assert applied == [
+            "m001_sessions",
+            "m002_sync",
+            "m003_bounds",
+            "m004_local",
+            "m005_background",
+        ]
         assert migrations.pending(database(store)) == []
         assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         columns = set(database(store).table("sessions").columns_dict)
-        assert {"in_flight", "mirrored", "record_bytes", "awaiting_login"} <= columns
+        assert {
+            "in_flight",
+            "mirrored",
+            "record_bytes",
+            "awaiting_login",
+            "background_ms",
+        } <= columns
         assert database(store).table("outbox_totals").exists()
         indexed = {tuple(index.columns) for index in database(store).table("sessions").indexes}
         assert {
@@ -124,7 +136,7 @@ def test_several_openers_of_an_old_file_migrate_it_once(tmp_path: Path) -> None:
     assert failures == []
     with store_at(tmp_path) as store:
         names = [migration.name for migration in migrations.applied(database(store))]
-    assert names == ["m001_sessions", "m002_sync", "m003_bounds", "m004_local"]
+    assert names == ["m001_sessions", "m002_sync", "m003_bounds", "m004_local", "m005_background"]
 
 
 def test_migration_m003_fills_sizes_and_totals_of_an_m002_store(tmp_path: Path) -> None:
@@ -146,7 +158,7 @@ def test_migration_m003_fills_sizes_and_totals_of_an_m002_store(tmp_path: Path) 
         )
     _m002_database(path, rows)
     with store_at(tmp_path) as store:
-        assert [m.name for m in migrations.applied(database(store))][-1] == "m004_local"
+        assert [m.name for m in migrations.applied(database(store))][-1] == "m005_background"
         counts = {"live": 1, "pending": 5, "local": 0, "synced": 3, "quarantined": 1}
         assert store.outbox_counts() == counts
         assert store.record_bytes_total() == sum(len(row["record"]) for row in rows)
@@ -190,6 +202,38 @@ def test_migration_m004_makes_the_ended_sessions_of_no_account_local(tmp_path: P
         assert_totals_exact(store)
 
 
+def test_migration_m005_gives_older_sessions_no_background_time(tmp_path: Path) -> None:
+    rkey, record = session_record(DID, 0)
+    text = json.dumps(record, separators=(",", ":"))
+    conn = Store._connect(tmp_path / DB_FILENAME)
+    database = Database(conn)
+    migrations.apply(database, stop_before="m005_background")
+    row = {"rkey": rkey, "did": DID, "status": "ended", "outbox": "pending"}
+    row |= {"started_at": record["startedAt"], "local_day": DAY, "record": text}
+    database.table("sessions").insert(row)
+    conn.close()
+    with store_at(tmp_path) as store:
+        stored = store.get(rkey)
+        assert stored is not None and stored.background_ms == 0
+        assert stored.record == record  # the record is untouched: no field for it there
+
+
+def test_background_time_is_kept_beside_the_record_and_carried_between_stores(
+    tmp_path: Path,
+) -> None:
+    rkey, record = session_record(DID, 1)
+    with store_at(tmp_path) as store:
+        assert store.checkpoint(rkey, DID, record, OWNER, DAY, background_ms=1_200)
+        assert store.get(rkey).background_ms == 1_200  # type: ignore[union-attr]
+        assert store.finalize(rkey, DID, record, OWNER, DAY, background_ms=4_500)
+        row = store.get(rkey)
+        assert row is not None and row.background_ms == 4_500 and row.record == record
+        memory = Store(None)
+        memory.absorb(store.rows())
+        assert memory.get(rkey).background_ms == 4_500  # type: ignore[union-attr]
+        memory.close()
+
+
 def test_the_store_knows_the_names_the_migrations_module_defines() -> None:
     """store.MIGRATIONS decides "pending" without importing the migrations: no drift."""
     defined = migrations.pending(Database(memory=True, execute_plugins=False))
@@ -202,10 +246,11 @@ def test_pending_is_read_from_sqlite_utils_own_bookkeeping(tmp_path: Path) -> No
     _m002_database(path, [])
     conn = Store._connect(path)
     try:
-        assert pending_migrations(conn) == ["m003_bounds", "m004_local"]
+        assert pending_migrations(conn) == ["m003_bounds", "m004_local", "m005_background"]
         assert [m.name for m in migrations.pending(Database(conn, execute_plugins=False))] == [
             "m003_bounds",
             "m004_local",
+            "m005_background",
         ]
     finally:
         conn.close()
