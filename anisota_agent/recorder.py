@@ -326,7 +326,8 @@ class Recorder:
                 local_day(state.started_wall_ms),
                 scrubbed(error),
                 awaiting_login=state.awaiting_login,
-                background_ms=state.background_ms(now_mono_ns),
+                # Final: ended, so counted up to its end whatever instant is given.
+                background_ms=state.background_ms(state.started_mono_ns),
             )
         except Exception as again:
             if is_disk_fault(again):

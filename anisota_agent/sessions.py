@@ -2,9 +2,10 @@
 
 It begins and ends sessions, ends them for inactivity, a game left in the
 background, a suspend or the maximum age, starts continuations, attributes
-sessions to the account a login yields, and hands the recorder what changed (:meth:`SessionBook.collect`). Time comes
-from the injected clock; there is no lock, no thread and no I/O here: the
-:class:`~anisota_agent.Agent` calls it under its own lock.
+sessions to the account a login yields, and hands the recorder what changed
+(:meth:`SessionBook.collect`). Time comes from the injected clock; there is no
+lock, no thread and no I/O here: the :class:`~anisota_agent.Agent` calls it
+under its own lock.
 """
 
 from __future__ import annotations
