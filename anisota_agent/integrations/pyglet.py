@@ -9,6 +9,7 @@ the session as ``app_close``. The handlers return nothing, so the window's own
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import pyglet
@@ -19,8 +20,11 @@ if TYPE_CHECKING:
 __all__ = ["watch"]
 
 
-def watch(agent: Agent, window: pyglet.window.BaseWindow) -> None:
-    """Follow ``window``'s focus, visibility and close with ``agent``, from now on."""
+def watch(agent: Agent, window: pyglet.window.BaseWindow) -> Callable[[], None]:
+    """Follow ``window``'s focus, visibility and close with ``agent``, from now on.
+
+    Returns a function that stops watching (removes the handlers).
+    """
 
     def on_activate() -> None:
         agent.set_foreground(True)
@@ -31,10 +35,16 @@ def watch(agent: Agent, window: pyglet.window.BaseWindow) -> None:
     def on_close() -> None:
         agent.end_session("app_close")
 
-    window.push_handlers(
-        on_activate=on_activate,
-        on_show=on_activate,
-        on_deactivate=on_deactivate,
-        on_hide=on_deactivate,
-        on_close=on_close,
-    )
+    handlers = {
+        "on_activate": on_activate,
+        "on_show": on_activate,
+        "on_deactivate": on_deactivate,
+        "on_hide": on_deactivate,
+        "on_close": on_close,
+    }
+    window.push_handlers(**handlers)
+
+    def unwatch() -> None:
+        window.remove_handlers(**handlers)
+
+    return unwatch

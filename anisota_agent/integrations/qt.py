@@ -10,6 +10,7 @@ timeout, so the application's exit never hangs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from PySide6.QtCore import Qt
@@ -21,11 +22,12 @@ if TYPE_CHECKING:
 __all__ = ["watch"]
 
 
-def watch(agent: Agent, app: QGuiApplication) -> None:
+def watch(agent: Agent, app: QGuiApplication) -> Callable[[], None]:
     """Follow ``app``'s state and quit with ``agent``, from now on.
 
     The state the application is in already is not reported: a game starts in
-    the foreground until Qt says otherwise.
+    the foreground until Qt says otherwise. Returns a function that stops
+    watching (disconnects both).
     """
 
     def state_changed(state: Qt.ApplicationState) -> None:
@@ -36,3 +38,9 @@ def watch(agent: Agent, app: QGuiApplication) -> None:
 
     app.applicationStateChanged.connect(state_changed)
     app.aboutToQuit.connect(about_to_quit)
+
+    def unwatch() -> None:
+        app.applicationStateChanged.disconnect(state_changed)
+        app.aboutToQuit.disconnect(about_to_quit)
+
+    return unwatch
