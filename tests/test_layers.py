@@ -134,11 +134,13 @@ def test_the_integrations_use_only_the_public_agent_and_nothing_imports_them() -
     for path in sorted(folder.glob("*.py")):
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and (
-                node.level > 0 or (node.module or "").startswith("anisota_agent")
-            ):
-                if node.level > 0 or node.module != "anisota_agent":
-                    wrong.append(f"integrations.{path.stem} imports {node.module}")
+            if isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                if node.level > 0 or (module.startswith("anisota_agent.")):
+                    wrong.append(f"integrations.{path.stem} imports {module}")
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+                wrong += [name for name in names if name.startswith("anisota_agent")]
     for path in sorted(PACKAGE.glob("*.py")):
         if "integrations" in imported_modules(path):
             wrong.append(f"{path.stem} imports the integrations")
