@@ -27,8 +27,9 @@ DEFAULT_CHECKPOINT_INTERVAL = 5.0
 DEFAULT_MAX_SESSION_AGE = 24 * 3600.0
 DEFAULT_INACTIVITY_TIMEOUT = 30 * 60.0
 DEFAULT_CONTINUATION_WINDOW = 30 * 60.0
-#: Adobe's convention (a new session after 300 s in the background): Braze's 10 s
-#: splits a quick look at a chat window, GA4 knows no background at all.
+#: Adobe's convention: a new session after 300 s in the background (Braze closes
+#: one 10 s after the app leaves the foreground; GA4 ends one after 30 min of
+#: inactivity, the inactivity timeout's default).
 DEFAULT_BACKGROUND_TIMEOUT = 300.0
 DEFAULT_CLOSE_TIMEOUT = 2.0
 DEFAULT_WRITE_RESERVE = 1000
