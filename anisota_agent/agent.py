@@ -56,6 +56,7 @@ from .recovery import LIVE_OWNER_TOKENS
 from .sessions import SessionBook
 from .settings import (
     CONSENT_STATES,
+    DEFAULT_BACKGROUND_TIMEOUT,
     DEFAULT_CHECKPOINT_INTERVAL,
     DEFAULT_CLOSE_TIMEOUT,
     DEFAULT_CONSENT,
@@ -122,6 +123,11 @@ class Agent:
         continuation_window: seconds after an inactivity end within which new
             activity starts a continuation, linked by ``parentSessionUri``
             (0 to 24 h, default 30 min); later activity starts a plain session.
+        background_timeout: seconds the game's window may stay in the background
+            (see :meth:`set_foreground`) before its session ends as
+            ``inactivity``, dated at the moment it went there (10 s to 24 h,
+            default 300 s); a game that never reports its window has only the
+            inactivity timeout.
         max_session_age: seconds after which a session is expired
             (``expired``/``timeout``), by its own agent or by recovery.
         write_reserve: rate-limit points of the player's write budget the sync
@@ -166,6 +172,7 @@ class Agent:
         checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL,
         inactivity_timeout: float = DEFAULT_INACTIVITY_TIMEOUT,
         continuation_window: float = DEFAULT_CONTINUATION_WINDOW,
+        background_timeout: float = DEFAULT_BACKGROUND_TIMEOUT,
         max_session_age: float = DEFAULT_MAX_SESSION_AGE,
         write_reserve: int = DEFAULT_WRITE_RESERVE,
         mirror_interval: float | None = None,
@@ -187,6 +194,7 @@ class Agent:
             checkpoint_interval=checkpoint_interval,
             inactivity_timeout=inactivity_timeout,
             continuation_window=continuation_window,
+            background_timeout=background_timeout,
             max_session_age=max_session_age,
             write_reserve=write_reserve,
             mirror_interval=mirror_interval,
@@ -671,6 +679,30 @@ class Agent:
             if session is not None and uri not in session.progress_uris:
                 uris = session.progress_uris
                 self._book.add_unique(uris, uri, MAX_LINKED_URIS, "progress_uris_over_cap")
+
+    def set_foreground(self, foreground: bool) -> None:
+        """The game's window went to the background (``False``) or came back (``True``).
+
+        Call it from the window's focus and minimize events (or let
+        :mod:`anisota_agent.integrations` do it). A session whose window stays
+        in the background longer than ``background_timeout`` ends as
+        ``ended``/``inactivity`` with ``endedAt`` = the moment it went there;
+        coming back before that keeps the session, and the time behind counts
+        in its ``duration`` like any short pause (the store keeps how much of it
+        was behind; the record has no field for it). Calls made meanwhile still
+        count in the session but are not the player's presence, and resume no
+        session once it ended; coming back is presence, and resumes play after
+        an inactivity end. With no session running it only notes the state
+        (a session started behind starts its background clock at once).
+        Cheap: no I/O, no thread woken (unless it begins or ends a session).
+        """
+        try:
+            check_bool("foreground", foreground)
+        except TypeError:
+            self._refused()
+            raise
+        with self._lock:
+            self._book.set_foreground(foreground)
 
     def _refused(self) -> None:
         """Count a call refused for bad input (``status().dropped["refused_calls"]``).

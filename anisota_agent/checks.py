@@ -121,12 +121,12 @@ def check_seconds(name: str, value: object, minimum: float, maximum: float) -> f
     """Return a duration in seconds within ``[minimum, maximum]`` as a float, else raise."""
     if type(value) not in (int, float):
         raise TypeError(f"{name} must be a number of seconds; got {type(value).__name__}")
-    seconds = float(value)  # type: ignore[arg-type]
-    if not minimum <= seconds <= maximum:
+    # Compared before the conversion: an int too large for a float is out of bounds.
+    if not minimum <= value <= maximum:  # type: ignore[operator]
         raise ValueError(
             f"{name} must be between {_bound(minimum)} and {_bound(maximum)} s; got {shown(value)}"
         )
-    return seconds
+    return float(value)  # type: ignore[arg-type]
 
 
 def check_bool(name: str, value: object) -> bool:

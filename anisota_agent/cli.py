@@ -151,7 +151,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="at most N sessions, newest first (default: %(default)s)",
     )
-    show = command("show", _show, "print one session's record as JSON")
+    show = command(
+        "show", _show, "print one session's record as JSON (its local-only time behind on stderr)"
+    )
     show.add_argument("rkey")
     export = command("export", _export, "every session as JSON lines (record and outbox state)")
     export.add_argument("--output", "-o", type=Path, help="file to write (default: stdout)")
@@ -308,16 +310,21 @@ def _sessions(args: argparse.Namespace) -> int:
         store.close()
     if args.json:
         for row in rows:
-            print(json.dumps(_summary(row.record) | {"rkey": row.rkey, "outbox": row.outbox}))
+            local = {"rkey": row.rkey, "outbox": row.outbox, "backgroundMs": row.background_ms}
+            print(json.dumps(_summary(row.record) | local))
         return EXIT_OK
-    header = f"{'RKEY':13}  {'STATUS':11}  {'OUTBOX':11}  {'STARTED':24}  {'DURATION':>9}  EVENTS"
+    header = (
+        f"{'RKEY':13}  {'STATUS':11}  {'OUTBOX':11}  {'STARTED':24}  {'DURATION':>9}"
+        f"  {'BACKGROUND':>10}  EVENTS"
+    )
     print(header)
     for row in rows:
         summary = _summary(row.record)
         duration = "" if summary["duration"] is None else f"{summary['duration'] / 1000:.1f}s"
+        background = f"{row.background_ms / 1000:.1f}s"
         print(
             f"{row.rkey:13}  {summary['status']:11}  {row.outbox:11}  "
-            f"{summary['startedAt']:24}  {duration:>9}  {summary['totalEvents']}"
+            f"{summary['startedAt']:24}  {duration:>9}  {background:>10}  {summary['totalEvents']}"
         )
     return EXIT_OK
 
@@ -340,7 +347,13 @@ def _show(args: argparse.Namespace) -> int:
         store.close()
     if row is None:
         raise CliError(f"no session with record key {args.rkey!r}")
+    # stdout is the record as it is uploaded (validate takes it); what only this
+    # machine keeps goes to stderr, for the person reading.
     print(json.dumps(row.record, indent=2))
+    print(
+        f"local only, not uploaded: {row.background_ms / 1000:.1f}s in the background",
+        file=sys.stderr,
+    )
     return EXIT_OK
 
 

@@ -20,7 +20,9 @@ def local_sessions(data_dir: str | os.PathLike[str] | None = None) -> Iterator[d
 
     Each item has ``rkey``, ``did``, ``outbox`` (one of
     :data:`~anisota_agent.store.OUTBOX_STATES`), ``uri`` and ``cid`` (once on the PDS),
-    ``lastError`` and the ``record`` itself: the lines ``anisota-agent export``
+    ``lastError``, ``backgroundMs`` (the time the game's window spent in the
+    background: kept on this machine only, the record has no field for it)
+    and the ``record`` itself: the lines ``anisota-agent export``
     writes. ``data_dir`` is the agent's (default: the platform's user data dir,
     or ``ANISOTA_AGENT_DATA_DIR``). A data dir where nothing was recorded yet
     yields nothing.
@@ -43,6 +45,7 @@ def local_sessions(data_dir: str | os.PathLike[str] | None = None) -> Iterator[d
                 "uri": row.uri,
                 "cid": row.cid,
                 "lastError": row.last_error,
+                "backgroundMs": row.background_ms,
                 "record": row.record,
             }
     finally:

@@ -154,6 +154,12 @@ def m005_consent(db: Database) -> None:
     """
 
 
+@migrations()
+def m006_background(db: Database) -> None:
+    """Each session's time in the background: local only, the lexicon has no field for it."""
+    db.table("sessions").add_column("background_ms", int, not_null_default=0)
+
+
 def apply(conn: sqlite3.Connection) -> None:
     """Apply the pending migrations on ``conn`` (inside the caller's transaction).
 

@@ -177,7 +177,10 @@ class Recorder:
         """Write what the agent collected, then tend the file; answer the waiters."""
         self.wake.clear()
         # Activity only moves the idle deadline later, and a new session wakes
-        # us: the figure from this round is safe to sleep on.
+        # us: the figure from this round is safe to sleep on. A window going
+        # behind brings a deadline in without waking us (the game's call must
+        # not): rounds come at least every background timeout (see
+        # _sleep_seconds), so the round after it sees that deadline in time.
         self._until_idle = self._agent._end_idle()
         work = self._agent._collect()
         wrote_final = False
@@ -197,9 +200,15 @@ class Recorder:
         return work
 
     def _sleep_seconds(self) -> float:
-        """Until the next checkpoint, idle deadline, file retry or prune."""
+        """Until the next checkpoint, idle or background deadline, file retry or prune."""
         now = self._mono_s()
-        due = [self._settings.checkpoint_interval, self._until_idle, self._prune_at - now]
+        settings = self._settings
+        due = [
+            settings.checkpoint_interval,
+            settings.background_timeout,
+            self._until_idle,
+            self._prune_at - now,
+        ]
         if self._degraded:
             due.append(self._retry_at - now)
         return max(0.0, min(due))
@@ -408,6 +417,7 @@ class Recorder:
         day = local_day(state.started_wall_ms)
         record: dict[str, Any] | None = None
         try:
+            background_ms = state.background_ms(now_mono_ns)
             guarded = self._guarded.get(state.rkey) if final else None
             if guarded is None:
                 record = self._build(state, now_mono_ns)
@@ -426,10 +436,17 @@ class Recorder:
                     None if guarded is None else guarded.withheld,
                     awaiting_login=state.awaiting_login,
                     withheld=guarded is not None and guarded.withheld is not None,
+                    background_ms=background_ms,
                 )
             else:
                 kept = store.checkpoint(
-                    state.rkey, state.did, record, owner, day, awaiting_login=state.awaiting_login
+                    state.rkey,
+                    state.did,
+                    record,
+                    owner,
+                    day,
+                    awaiting_login=state.awaiting_login,
+                    background_ms=background_ms,
                 )
         except Exception as failure:
             if is_disk_fault(failure):
@@ -474,6 +491,8 @@ class Recorder:
                 local_day(state.started_wall_ms),
                 scrubbed(error),
                 awaiting_login=state.awaiting_login,
+                # Final: ended, so counted up to its end whatever instant is given.
+                background_ms=state.background_ms(state.started_mono_ns),
             )
         except Exception as again:
             if is_disk_fault(again):

@@ -114,6 +114,8 @@ class SessionState:
         "actions",
         "asleep_offset_ns",
         "awaiting_login",
+        "background_ns",
+        "background_since_mono_ns",
         "client_version",
         "condition",
         "condition_ns",
@@ -184,6 +186,11 @@ class SessionState:
         #: The tag of the login under way when it started or ended, if any: the
         #: session belongs to the account that login yields.
         self.awaiting_login: str | None = None
+        #: Time spent in the background before the current stretch (local only:
+        #: the lexicon has no field for it, so it is never in the record).
+        self.background_ns = 0
+        #: When the game's window went to the background, while it is there.
+        self.background_since_mono_ns: int | None = None
         # Bounds the agent's hot path compares against (set by the agent).
         self.expires_mono_ns = 2**63
         self.asleep_offset_ns = 2**63
@@ -202,6 +209,27 @@ class SessionState:
         self.condition_ns[self.condition] = self.condition_ns.get(self.condition, 0) + held
         self.condition = condition
         self.condition_since_mono_ns = mono_ns
+
+    def to_background(self, mono_ns: int) -> None:
+        """The game's window went to the background at ``mono_ns``."""
+        if self.background_since_mono_ns is None:
+            self.background_since_mono_ns = max(mono_ns, self.started_mono_ns)
+
+    def to_foreground(self, mono_ns: int) -> None:
+        """The window is back in front: bank the time it spent behind."""
+        since = self.background_since_mono_ns
+        if since is not None:
+            self.background_ns += max(0, mono_ns - since)
+            self.background_since_mono_ns = None
+
+    def background_ms(self, until_mono_ns: int) -> int:
+        """Milliseconds in the background up to ``until_mono_ns`` (or the end)."""
+        total = self.background_ns
+        since = self.background_since_mono_ns
+        if since is not None:
+            until = until_mono_ns if self.ended_mono_ns is None else self.ended_mono_ns
+            total += max(0, until - since)
+        return total // 1_000_000
 
     def count_response(self, ms: float, ok: bool) -> None:
         """One measured response: its time, and whether it was an error."""
@@ -224,6 +252,9 @@ class SessionState:
         self.status = status
         self.end_reason = reason
         self.ended_mono_ns = max(mono_ns, self.started_mono_ns)
+        # Ended while behind: the stretch counts up to the end (none after an
+        # end dated at the moment it went there).
+        self.to_foreground(self.ended_mono_ns)
 
     def copy(self) -> SessionState:
         """A copy safe to read on another thread while this one keeps changing."""

@@ -31,7 +31,7 @@ CREATE TABLE "sessions" (
    "cid" TEXT,
    "synced_at" REAL,
    "checkpointed_at" REAL
-, "in_flight" INTEGER NOT NULL DEFAULT 0, "mirrored" INTEGER NOT NULL DEFAULT 0, "record_bytes" INTEGER NOT NULL DEFAULT 0, "awaiting_login" TEXT);
+, "in_flight" INTEGER NOT NULL DEFAULT 0, "mirrored" INTEGER NOT NULL DEFAULT 0, "record_bytes" INTEGER NOT NULL DEFAULT 0, "awaiting_login" TEXT, "background_ms" INTEGER NOT NULL DEFAULT 0);
 
 CREATE TABLE "counters" (
    "name" TEXT PRIMARY KEY,

@@ -1,10 +1,11 @@
 """The session book: the rules of a play session, as a pure object.
 
-It begins and ends sessions, ends them for inactivity, a suspend or the maximum
-age, starts continuations, attributes sessions to the account a login yields,
-and hands the recorder what changed (:meth:`SessionBook.collect`). Time comes
-from the injected clock; there is no lock, no thread and no I/O here: the
-:class:`~anisota_agent.Agent` calls it under its own lock.
+It begins and ends sessions, ends them for inactivity, a game left in the
+background, a suspend or the maximum age, starts continuations, attributes
+sessions to the account a login yields, and hands the recorder what changed
+(:meth:`SessionBook.collect`). Time comes from the injected clock; there is no
+lock, no thread and no I/O here: the :class:`~anisota_agent.Agent` calls it
+under its own lock.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class SessionBook:
         # Compared on the hot path: integers, converted once.
         self._idle_ns = int(settings.inactivity_timeout * 1e9)
         self._window_ms = int(settings.continuation_window * 1000)
+        self._background_ns = int(settings.background_timeout * 1e9)
         self._max_age_ns = int(settings.max_session_age * 1e9)
         #: The session being recorded, if any.
         self.live: SessionState | None = None
@@ -92,6 +94,9 @@ class SessionBook:
         #: False while the player's consent is ``denied``: nothing is recorded, and
         #: a call with no session is no loss to count.
         self.recording = True
+        #: Whether the game's window is in front (as the game last said; a game
+        #: that never says stays in front, and only the inactivity timeout applies).
+        self.foreground = True
 
     # -- beginning and ending --------------------------------------------------
 
@@ -109,6 +114,8 @@ class SessionBook:
             did=self.did,
         )
         session.parent_rkey = parent_rkey
+        if not self.foreground:  # started behind: the background clock runs from the start
+            session.to_background(now_ns)
         session.awaiting_login = self.awaiting if self.did is None else None
         session.condition = self._condition()
         session.expires_mono_ns = now_ns + self._max_age_ns
@@ -146,22 +153,39 @@ class SessionBook:
         session = self.live
         if session is None:
             return float("inf")
-        idle_deadline = session.last_activity_mono_ns + self._idle_ns
-        return max(0.0, (min(idle_deadline, session.expires_mono_ns) - now_ns) / 1e9)
+        deadline, _ = self._away_deadline(session)
+        return max(0.0, (min(deadline, session.expires_mono_ns) - now_ns) / 1e9)
+
+    def _away_deadline(self, session: SessionState) -> tuple[int, int]:
+        """When the session ends if nothing changes, and the moment it is then dated at.
+
+        The first of two deadlines: the inactivity timeout after the last
+        activity, and the background timeout after the window went behind.
+        """
+        idle = (session.last_activity_mono_ns + self._idle_ns, session.last_activity_mono_ns)
+        since = session.background_since_mono_ns
+        if since is None:
+            return idle
+        return min(idle, (since + self._background_ns, since))
 
     def _end_if_idle(self, now_ns: int) -> bool:
         session = self.live
         if session is None:
             return False
+        deadline, left_at = self._away_deadline(session)
         if now_ns > session.expires_mono_ns:
             # As recovery dates a crashed one: the last activity is the last sure fact.
             self.end("expired", "timeout", session.last_activity_mono_ns)
-        elif (
-            now_ns - session.last_activity_mono_ns > self._idle_ns
-            or self._wall() - now_ns > session.asleep_offset_ns
-        ):
-            # Dated at the last activity: the player left then, not when we noticed.
-            self.end("ended", "inactivity", session.last_activity_mono_ns)
+        elif now_ns > deadline:
+            # Dated when the player left (the last activity, or the moment the
+            # window went behind), not when we noticed.
+            self.end("ended", "inactivity", left_at)
+        elif self._wall() - now_ns > session.asleep_offset_ns:
+            # Asleep at some unknown moment: behind already, or after the last activity.
+            since = session.background_since_mono_ns
+            self.end(
+                "ended", "inactivity", session.last_activity_mono_ns if since is None else since
+            )
         else:
             return False
         return True
@@ -187,23 +211,74 @@ class SessionBook:
         """The live session, with this call counted as activity.
 
         Ends a session that went idle, and resumes play in a new one (a
-        continuation when recent enough). One clock read, one comparison: the
-        clock counts time asleep, so a suspend is inactivity like any other; the
-        maximum age, and a sleep the clock could not count, are caught by
-        :meth:`end_if_idle`. :meth:`collect` finds the change from ``total_events``.
+        continuation when recent enough). One clock read, one comparison and
+        one flag in front: the clock counts time asleep, so a suspend is
+        inactivity like any other; the maximum age, and a sleep the clock could
+        not count, are caught by :meth:`end_if_idle`; a window behind takes the
+        slow path. :meth:`collect` finds the change from ``total_events``.
         """
         now = self._mono()
         session = self.live
-        if session is None or now - session.last_activity_mono_ns > self._idle_ns:
-            self._end_if_idle(now)
-            session = self._resume()
-            if session is None:
-                if self._settings.enabled and self.recording:
-                    self._dropped["calls_without_session"] += 1
-                return None
+        if (
+            session is None
+            or now - session.last_activity_mono_ns > self._idle_ns
+            or not self.foreground
+        ):
+            return self._active_rarely(now)
         session.total_events += 1
         session.last_activity_mono_ns = now
         return session
+
+    def _active_rarely(self, now: int) -> SessionState | None:
+        """:meth:`active` with no session, an idle one, or the window behind.
+
+        Behind, a call still counts in the live session (the game did it), but
+        is not the player's presence: it moves neither the last activity nor
+        the background deadline, and resumes no session (a minimized game whose
+        loop keeps calling would otherwise start one every few minutes).
+        """
+        self._end_if_idle(now)
+        session = self.live
+        if session is None and self.foreground:
+            session = self._resume()
+        if session is None:
+            if self._settings.enabled and self.recording:
+                self._dropped["calls_without_session"] += 1
+            return None
+        session.total_events += 1
+        if self.foreground:
+            session.last_activity_mono_ns = now
+        return session
+
+    def set_foreground(self, foreground: bool) -> None:
+        """The game's window went to the background (False) or came back (True).
+
+        Going behind starts the live session's background clock (and that of
+        sessions begun while behind). Coming back before the background
+        timeout keeps the session: the time behind is banked, and the return
+        counts as the player's presence (the last activity, not an event).
+        Coming back after an end for inactivity resumes play, as an activity
+        call would. A repeated state changes nothing. Only signals the
+        recorder when it begins or ends a session.
+        """
+        if foreground is self.foreground:
+            return
+        self.foreground = foreground
+        now = self._mono()
+        session = self.live
+        if not foreground:
+            if session is not None:
+                session.to_background(now)
+                self._dirty = True
+            return
+        if session is not None and self._end_if_idle(now):
+            session = None
+        if session is None:
+            self._resume()
+            return
+        session.to_foreground(now)
+        session.last_activity_mono_ns = now
+        self._dirty = True
 
     def add_unique(self, items: dict[str, None], item: str, cap: int, overflow: str) -> None:
         """Add a new item to a capped list of the live session, or count it as dropped."""

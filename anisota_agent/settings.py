@@ -28,6 +28,10 @@ DEFAULT_CHECKPOINT_INTERVAL = 5.0
 DEFAULT_MAX_SESSION_AGE = 24 * 3600.0
 DEFAULT_INACTIVITY_TIMEOUT = 30 * 60.0
 DEFAULT_CONTINUATION_WINDOW = 30 * 60.0
+#: Adobe's convention: a new session after 300 s in the background (Braze closes
+#: one 10 s after the app leaves the foreground; GA4 ends one after 30 min of
+#: inactivity, the inactivity timeout's default).
+DEFAULT_BACKGROUND_TIMEOUT = 300.0
 DEFAULT_CLOSE_TIMEOUT = 2.0
 DEFAULT_WRITE_RESERVE = 1000
 DEFAULT_MAX_STORE_BYTES = 20_000_000  # of records: about 20,000 typical sessions
@@ -66,6 +70,7 @@ class Settings(NamedTuple):
     checkpoint_interval: float
     inactivity_timeout: float
     continuation_window: float
+    background_timeout: float
     max_session_age: float
     write_reserve: int
     mirror_interval: float | None
@@ -92,6 +97,7 @@ class Settings(NamedTuple):
         checkpoint_interval: object = DEFAULT_CHECKPOINT_INTERVAL,
         inactivity_timeout: object = DEFAULT_INACTIVITY_TIMEOUT,
         continuation_window: object = DEFAULT_CONTINUATION_WINDOW,
+        background_timeout: object = DEFAULT_BACKGROUND_TIMEOUT,
         max_session_age: object = DEFAULT_MAX_SESSION_AGE,
         write_reserve: object = DEFAULT_WRITE_RESERVE,
         mirror_interval: object = None,
@@ -136,6 +142,7 @@ class Settings(NamedTuple):
             ),
             inactivity_timeout=check_seconds("inactivity_timeout", inactivity_timeout, 60, _DAY),
             continuation_window=check_seconds("continuation_window", continuation_window, 0, _DAY),
+            background_timeout=check_seconds("background_timeout", background_timeout, 10, _DAY),
             max_session_age=check_seconds("max_session_age", max_session_age, 60, 7 * _DAY),
             write_reserve=check_int("write_reserve", write_reserve, 0, 1_000_000),
             mirror_interval=None

@@ -115,7 +115,14 @@ MIGRATION_SET = "anisota_agent"
 #: The names of its migrations, in order, as :mod:`anisota_agent.migrations`
 #: defines them (a test keeps the two equal): a file that has applied all of
 #: them opens without importing that module, nor sqlite-utils.
-MIGRATIONS = ("m001_sessions", "m002_sync", "m003_bounds", "m004_local", "m005_consent")
+MIGRATIONS = (
+    "m001_sessions",
+    "m002_sync",
+    "m003_bounds",
+    "m004_local",
+    "m005_consent",
+    "m006_background",
+)
 #: Sets a meta key to a JSON text, whether it is there or not.
 _UPSERT_META = (
     "INSERT INTO meta(key, value) VALUES(?, ?)"
@@ -160,6 +167,9 @@ class StoredSession(NamedTuple):
     in_flight: bool = False
     mirrored: bool = False
     awaiting_login: str | None = None
+    #: Milliseconds the game's window spent in the background during the
+    #: session (local only: the record has no field for it, it is not uploaded).
+    background_ms: int = 0
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> StoredSession:
@@ -182,6 +192,7 @@ class StoredSession(NamedTuple):
             in_flight=bool(row.get("in_flight")),
             mirrored=bool(row.get("mirrored")),
             awaiting_login=row.get("awaiting_login"),
+            background_ms=row.get("background_ms") or 0,
         )
 
 
@@ -770,13 +781,17 @@ class Store:
         local_day: str,
         *,
         awaiting_login: str | None = None,
+        background_ms: int = 0,
     ) -> bool:
         """Write the live session's record; False if another process took it over.
 
         ``awaiting_login``: the tag of the login under way while ``did`` is unknown
-        (see :meth:`attribute`).
+        (see :meth:`attribute`). ``background_ms``: the session's time in the
+        background so far, kept beside the record (never in it).
         """
-        return self._write(rkey, did, record, owner, local_day, "live", None, awaiting_login)
+        return self._write(
+            rkey, did, record, owner, local_day, "live", None, awaiting_login, background_ms
+        )
 
     @_locked
     def finalize(
@@ -790,6 +805,7 @@ class Store:
         *,
         awaiting_login: str | None = None,
         withheld: bool = False,
+        background_ms: int = 0,
     ) -> bool:
         """Queue an ended session for sync, or quarantine it with ``error``.
 
@@ -805,7 +821,9 @@ class Store:
             outbox = "local"  # unless the stored row has an account by now: see _write
         else:
             outbox = "pending"
-        return self._write(rkey, did, record, owner, local_day, outbox, error, awaiting_login)
+        return self._write(
+            rkey, did, record, owner, local_day, outbox, error, awaiting_login, background_ms
+        )
 
     def _write(
         self,
@@ -817,6 +835,7 @@ class Store:
         outbox: str,
         error: str | None,
         awaiting_login: str | None,
+        background_ms: int,
     ) -> bool:
         text = to_json(record)
         row = {
@@ -837,6 +856,7 @@ class Store:
             "checkpointed_at": time.time(),
             # A session whose account is known awaits no login.
             "awaiting_login": None if did is not None else awaiting_login,
+            "background_ms": background_ms,
         }
         # One statement, so nothing can come between a look and a write: a new
         # session is inserted; an existing one is written only by its owner and
@@ -853,7 +873,7 @@ class Store:
             " THEN 'pending' ELSE excluded.outbox END,"
             " last_activity_at = excluded.last_activity_at, record = excluded.record,"
             " record_bytes = excluded.record_bytes, last_error = excluded.last_error,"
-            " checkpointed_at = excluded.checkpointed_at"
+            " checkpointed_at = excluded.checkpointed_at, background_ms = excluded.background_ms"
             " WHERE sessions.outbox = 'live' AND sessions.owner_token = excluded.owner_token",
             row,
         )
@@ -1332,7 +1352,7 @@ def _closed_database() -> sqlite3.Connection:
 def _prepared(row: dict[str, Any], columns: list[str]) -> dict[str, Any]:
     """``row`` with exactly this schema's columns, defaults filled, size recomputed."""
     values = {column: row.get(column) for column in columns}
-    for column in ("attempts", "in_flight", "mirrored"):
+    for column in ("attempts", "in_flight", "mirrored", "background_ms"):
         if column in values and values[column] is None:
             values[column] = 0
     if "record_bytes" in values:

@@ -6,7 +6,9 @@
 
 If the node kit cannot be installed or started (no node/npm, no registry, ...),
 tests using these fixtures are skipped with a loud reason, except under
-``CI=true`` where they fail.
+``CI=true`` where they fail. The same holds for the game frameworks' fixtures
+(``pygame_display``, ``qt_app``, ``pyglet_headless``), when the extra is not
+installed or cannot open a window headless here.
 """
 
 from __future__ import annotations
@@ -37,7 +39,11 @@ def _in_ci() -> bool:
 
 
 def _unavailable(reason: str) -> NoReturn:
-    message = f"REAL-PDS TESTS NOT RUN: the test PDS is unavailable: {reason}"
+    _not_run(f"REAL-PDS TESTS NOT RUN: the test PDS is unavailable: {reason}")
+
+
+def _not_run(message: str) -> NoReturn:
+    """Skip the test with a loud warning, or fail it under ``CI=true``."""
     if _in_ci():
         pytest.fail(message, pytrace=False)
     warnings.warn(message, stacklevel=2)
@@ -124,3 +130,51 @@ def every_record_is_valid(
     monkeypatch.setattr(Store, "expire", checked(Store.expire, 2))
     yield
     assert refused == [], f"the agent stored records the lexicon refuses: {refused}"
+
+
+def _framework_unavailable(extra: str, failure: BaseException) -> NoReturn:
+    _not_run(
+        f"{extra.upper()} TESTS NOT RUN: {type(failure).__name__}: {failure} "
+        f"(pip install -e '.[{extra}]')"
+    )
+
+
+@pytest.fixture(scope="session")
+def pygame_display() -> Iterator[None]:
+    """pygame's display on SDL's dummy video driver (no screen needed)."""
+    os.environ["SDL_VIDEODRIVER"] = "dummy"
+    os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
+    try:
+        import pygame
+
+        pygame.display.init()
+    except Exception as failure:
+        _framework_unavailable("pygame", failure)
+    yield
+    pygame.display.quit()
+
+
+@pytest.fixture(scope="session")
+def qt_app() -> Any:
+    """The process's one ``QGuiApplication``, on Qt's offscreen platform."""
+    os.environ["QT_QPA_PLATFORM"] = "offscreen"
+    try:
+        from PySide6.QtGui import QGuiApplication
+
+        return QGuiApplication.instance() or QGuiApplication([])
+    except Exception as failure:
+        _framework_unavailable("qt", failure)
+
+
+@pytest.fixture(scope="session")
+def pyglet_headless() -> None:
+    """pyglet in its headless mode (EGL: no display server needed)."""
+    try:
+        import pyglet
+
+        pyglet.options["headless"] = True
+        import pyglet.window
+
+        pyglet.window.Window(16, 16, visible=False).close()
+    except Exception as failure:
+        _framework_unavailable("pyglet", failure)

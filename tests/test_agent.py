@@ -293,6 +293,7 @@ _AUDIT_SCRIPT = textwrap.dedent(
         agent.link_log("at://did:plc:abc/net.anisota.beta.game.log/3lbyzq2a3v22c")
         agent.link_progress("at://did:plc:abc/net.anisota.beta.game.progress/3lbyzq2a3v22c")
         agent.touch()
+        agent.set_foreground(i % 2 == 0)
         agent.status()
     agent.end_session("logout")
     watching = False

@@ -1,7 +1,8 @@
 """The scripts in ``examples/`` run, and record what they claim to.
 
-``minimal_embed`` runs as a script in a fresh interpreter (as a developer would
-run it); the others are imported and their ``main()`` called in process.
+``minimal_embed`` and the three game windows (pygame, Qt, pyglet, headless)
+run as scripts in a fresh interpreter (as a developer would run them); the
+others are imported and their ``main()`` called in process.
 ``offline_sync`` plays against the real test PDS and checks the account's
 repo afterwards.
 """
@@ -200,3 +201,38 @@ def test_consent_and_guard_keeps_the_referrers_origin_and_the_players_yes(
         assert store.consent() == {"state": "granted", "by": "player"}
     finally:
         store.close()
+
+
+@pytest.mark.parametrize(
+    ("name", "fixture", "env"),
+    [
+        ("pygame_game", "pygame_display", {"SDL_VIDEODRIVER": "dummy", "SDL_AUDIODRIVER": "dummy"}),
+        ("qt_game", "qt_app", {"QT_QPA_PLATFORM": "offscreen"}),
+        ("pyglet_game", "pyglet_headless", {"PYGLET_HEADLESS": "true"}),
+    ],
+)
+def test_each_game_window_records_a_session(
+    name: str, fixture: str, env: dict[str, str], tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A real window of the framework plays by itself, quits, and leaves its session."""
+    request.getfixturevalue(fixture)  # the framework is here (else: skipped loudly / CI fails)
+    environ = {k: v for k, v in os.environ.items() if k != "DO_NOT_TRACK"} | env
+    script = [sys.executable, str(EXAMPLES / f"{name}.py")]
+    done = subprocess.run(
+        [*script, "--data-dir", str(tmp_path), "--frames", "90"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=environ,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr and "Error" not in done.stderr, done.stderr
+    rkey = field(done.stdout, r"^session (\S+) recorded in ")
+    (row,) = stored_records(tmp_path).values()
+    assert row.rkey == rkey and row.outbox == "local"  # no account: kept on this machine
+    validate_record(row.record)
+    assert (row.record["status"], row.record["endReason"]) == ("ended", "app_close")
+    summary = row.record["activitySummary"]
+    assert summary["pagesVisited"] == ["/garden"]
+    assert summary["gameActions"]["specimensCollected"] >= 1

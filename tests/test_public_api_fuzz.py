@@ -611,6 +611,7 @@ SETTINGS: dict[str, Param] = {
     "checkpoint_interval": number_param(0.01, 3600, good_max=30),
     "inactivity_timeout": number_param(60, DAY),
     "continuation_window": number_param(0, DAY),
+    "background_timeout": number_param(10, DAY),
     "max_session_age": number_param(60, 7 * DAY),
     "write_reserve": int_param(0, 1_000_000),
     "mirror_interval": optional(number_param(60, DAY)),
@@ -1195,6 +1196,19 @@ class AgentMachine(RuleBasedStateMachine):
             assert isinstance(ms.value, (int, float))
             session.respond(ms.value, ok_flag is None or ok_flag.value is True)
 
+    @rule(foreground=FLAG.full)
+    @step
+    def set_foreground(self, foreground: Arg) -> None:
+        """The argument's check; a stay behind is undone at once (the model keeps no
+        time: a stay past the timeout is tested with a driven clock in test_focus)."""
+        label = call_label("set_foreground", foreground=foreground)
+        verdicts = {"foreground": FLAG.verdict(foreground.value)}
+        ok, _ = attempt(label, lambda: self.a.set_foreground(foreground.value), verdicts)
+        if not ok:
+            self.refused()
+        elif foreground.value is False:
+            self.a.set_foreground(True)
+
     @rule(uri=LOG_URI.full, progress=st.booleans())
     @step
     def link(self, uri: Arg, progress: bool) -> None:
@@ -1571,6 +1585,7 @@ COVERED = {
     "end_session": "end_session",
     "invalidate": "invalidate",
     "touch": "touch",
+    "set_foreground": "set_foreground",
     "page": "page",
     "feature": "feature",
     "action": "action",

@@ -85,7 +85,13 @@ def test_migrations_apply_once_and_wal_is_on(tmp_path: Path) -> None:
         assert migrations.pending(database(store)) == []
         assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         columns = set(database(store).table("sessions").columns_dict)
-        assert {"in_flight", "mirrored", "record_bytes", "awaiting_login"} <= columns
+        assert {
+            "in_flight",
+            "mirrored",
+            "record_bytes",
+            "awaiting_login",
+            "background_ms",
+        } <= columns
         assert database(store).table("outbox_totals").exists()
         indexed = {tuple(index.columns) for index in database(store).table("sessions").indexes}
         assert {
@@ -189,6 +195,38 @@ def test_migration_m004_makes_the_ended_sessions_of_no_account_local(tmp_path: P
         assert outboxes == ["pending", "pending", "local", "local"]
         assert (store.outbox_counts()["pending"], store.outbox_counts()["local"]) == (2, 2)
         assert_totals_exact(store)
+
+
+def test_migration_m006_gives_older_sessions_no_background_time(tmp_path: Path) -> None:
+    rkey, record = session_record(DID, 0)
+    text = json.dumps(record, separators=(",", ":"))
+    conn = Store._connect(tmp_path / DB_FILENAME)
+    database = Database(conn)
+    migrations.apply(database, stop_before="m006_background")
+    row = {"rkey": rkey, "did": DID, "status": "ended", "outbox": "pending"}
+    row |= {"started_at": record["startedAt"], "local_day": DAY, "record": text}
+    database.table("sessions").insert(row)
+    conn.close()
+    with store_at(tmp_path) as store:
+        stored = store.get(rkey)
+        assert stored is not None and stored.background_ms == 0
+        assert stored.record == record  # the record is untouched: no field for it there
+
+
+def test_background_time_is_kept_beside_the_record_and_carried_between_stores(
+    tmp_path: Path,
+) -> None:
+    rkey, record = session_record(DID, 1)
+    with store_at(tmp_path) as store:
+        assert store.checkpoint(rkey, DID, record, OWNER, DAY, background_ms=1_200)
+        assert store.get(rkey).background_ms == 1_200  # type: ignore[union-attr]
+        assert store.finalize(rkey, DID, record, OWNER, DAY, background_ms=4_500)
+        row = store.get(rkey)
+        assert row is not None and row.background_ms == 4_500 and row.record == record
+        memory = Store(None)
+        memory.absorb(store.rows())
+        assert memory.get(rkey).background_ms == 4_500  # type: ignore[union-attr]
+        memory.close()
 
 
 def test_the_store_knows_the_names_the_migrations_module_defines() -> None:

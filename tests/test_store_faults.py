@@ -20,6 +20,7 @@ from anisota_agent.recovery import expire_dead_sessions
 from anisota_agent.store import (
     DB_FILENAME,
     LOST_UNKNOWN,
+    OUTBOX_STATES,
     Owner,
     Store,
     is_corrupt,
