@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -40,10 +40,7 @@ from .records import (
     HOST_END_REASONS,
     MAX_COUNT_PER_CALL,
     MAX_FEATURE_LEN,
-    MAX_FEATURES,
     MAX_LEVEL,
-    MAX_LINKED_URIS,
-    MAX_PAGES,
     MAX_REFERRER_LEN,
     MAX_REQUEST_MS,
     MAX_RESPONSE_MS,
@@ -53,7 +50,7 @@ from .records import (
     clean_referrer,
 )
 from .recovery import LIVE_OWNER_TOKENS
-from .sessions import SessionBook
+from .sessions import SETTLE_AT, SessionBook
 from .settings import (
     CONSENT_STATES,
     DEFAULT_BACKGROUND_TIMEOUT,
@@ -225,8 +222,9 @@ class Agent:
         self._book = SessionBook(
             self._settings, self._clock, lambda: self._network.condition, self._wake
         )
-        # The hot path's one call into the book, bound once.
-        self._active = self._book.active
+        # The hot path's clock and queue, bound once.
+        self._now = self._clock.monotonic_ns
+        self._calls = self._book.calls
         # flush() callers waiting for a sync round, and for a recorder round only.
         self._waiters: list[threading.Event] = []
         self._recorded_waiters: list[threading.Event] = []
@@ -403,6 +401,7 @@ class Agent:
 
     def _apply_consent(self, state: str) -> None:
         """Under the lock: whether the book records; a denial drops what it holds."""
+        self._book.settle()  # what was done before the choice is recorded as before
         self._book.recording = state != "denied"
         if state == "denied":
             self._book.clear()
@@ -546,6 +545,7 @@ class Agent:
             self._restart_in_child = False
             self.start()
         with self._lock:
+            self._book.settle()
             live = self._book.live
             if live is not None:
                 logger.warning("start_session while %s is active: ending it", live.rkey)
@@ -575,12 +575,11 @@ class Agent:
     # -- activity (the hot path) -----------------------------------------------------
     #
     # Each call checks its arguments (every checker accepts a good value in its
-    # first line), then counts as activity under the lock: no I/O, no wake-up.
+    # first line), then queues itself for the book: no lock, no I/O, no wake-up.
 
     def touch(self) -> None:
         """The player is here: counts as activity without recording anything else."""
-        with self._lock:
-            self._active()
+        self._queue(self._book.on_touch, None, None)
 
     def page(self, route: str) -> None:
         """Record a visit to a page or route (unique routes, in first-visit order)."""
@@ -589,10 +588,7 @@ class Agent:
         except (TypeError, ValueError):
             self._refused()
             raise
-        with self._lock:
-            session = self._active()
-            if session is not None and route not in session.pages:
-                self._book.add_unique(session.pages, route, MAX_PAGES, "pages_over_cap")
+        self._queue(self._book.on_page, route, None)
 
     def feature(self, name: str) -> None:
         """Record the use of a named feature (unique names, first-use order)."""
@@ -601,10 +597,7 @@ class Agent:
         except (TypeError, ValueError):
             self._refused()
             raise
-        with self._lock:
-            session = self._active()
-            if session is not None and name not in session.features:
-                self._book.add_unique(session.features, name, MAX_FEATURES, "features_over_cap")
+        self._queue(self._book.on_feature, name, None)
 
     def action(self, kind: str, count: int = 1) -> None:
         """Count a game action: one of the lexicon's ``gameActions`` names.
@@ -619,10 +612,7 @@ class Agent:
         except (TypeError, ValueError):
             self._refused()
             raise
-        with self._lock:
-            session = self._active()
-            if session is not None:
-                session.actions[kind] = session.actions.get(kind, 0) + count
+        self._queue(self._book.on_action, kind, count)
 
     def progress(self, xp: int, level: int | None = None) -> None:
         """Report the player's total XP (and level); the first report is the baseline."""
@@ -633,14 +623,7 @@ class Agent:
         except (TypeError, ValueError):
             self._refused()
             raise
-        with self._lock:
-            session = self._active()
-            if session is not None:
-                if session.first_xp is None:
-                    session.first_xp = xp
-                session.current_xp = xp
-                if level is not None:
-                    session.current_level = level
+        self._queue(self._book.on_progress, xp, level)
 
     def response(self, ms: float, ok: bool = True) -> None:
         """Record one measured API response: its time in ms and whether it succeeded."""
@@ -650,10 +633,7 @@ class Agent:
         except (TypeError, ValueError):
             self._refused()
             raise
-        with self._lock:
-            session = self._active()
-            if session is not None:
-                session.count_response(ms, ok)
+        self._queue(self._book.on_response, ms, ok)
 
     def link_log(self, uri: str) -> None:
         """Link a ``net.anisota.beta.game.log`` record (its at-uri) to the session."""
@@ -662,10 +642,7 @@ class Agent:
         except (TypeError, ValueError):
             self._refused()
             raise
-        with self._lock:
-            session = self._active()
-            if session is not None and uri not in session.log_uris:
-                self._book.add_unique(session.log_uris, uri, MAX_LINKED_URIS, "log_uris_over_cap")
+        self._queue(self._book.on_log, uri, None)
 
     def link_progress(self, uri: str) -> None:
         """Link a ``net.anisota.beta.game.progress`` record (its at-uri) to the session."""
@@ -674,11 +651,21 @@ class Agent:
         except (TypeError, ValueError):
             self._refused()
             raise
-        with self._lock:
-            session = self._active()
-            if session is not None and uri not in session.progress_uris:
-                uris = session.progress_uris
-                self._book.add_unique(uris, uri, MAX_LINKED_URIS, "progress_uris_over_cap")
+        self._queue(self._book.on_progress_link, uri, None)
+
+    def _queue(self, apply: Callable[[Any, Any, int], None], first: Any, second: Any) -> None:
+        """Queue an activity call for the book, stamped now; settle a long queue.
+
+        The book applies the queue under the lock whenever anything reads or
+        changes the sessions (a recorder round, ``status()``, ``end_session()``,
+        ...), so nothing is ever seen out of order; a caller settles it itself
+        only when nobody did for :data:`~anisota_agent.sessions.SETTLE_AT` calls.
+        """
+        calls = self._calls
+        calls.append((apply, first, second, self._now()))
+        if len(calls) >= SETTLE_AT:
+            with self._lock:
+                self._book.settle()
 
     def set_foreground(self, foreground: bool) -> None:
         """The game's window went to the background (``False``) or came back (``True``).
@@ -737,8 +724,7 @@ class Agent:
             check_number("elapsed_ms", elapsed_ms, 0, MAX_REQUEST_MS)
             check_choice("outcome", outcome, OUTCOMES)
         self._network.observe_request(elapsed_ms, outcome)
-        with self._lock:
-            self._book.count_response(min(elapsed_ms, MAX_RESPONSE_MS), outcome == "ok")
+        self._queue(self._book.on_request, elapsed_ms, outcome == "ok")
 
     def httpx_event_hooks(self, *, asynchronous: bool = False) -> dict[str, list[Any]]:
         """``event_hooks`` for the game's ``httpx.Client`` (or ``AsyncClient``) that time

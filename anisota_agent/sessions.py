@@ -10,15 +10,29 @@ under its own lock.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from .clock import Clock, TidGenerator
-from .records import SessionContext, SessionState
+from .records import (
+    MAX_FEATURES,
+    MAX_LINKED_URIS,
+    MAX_PAGES,
+    MAX_RESPONSE_MS,
+    SessionContext,
+    SessionState,
+)
 from .settings import Settings
 
-__all__ = ["SUSPEND_THRESHOLD_NS", "Collected", "SessionBook"]
+__all__ = ["SETTLE_AT", "SUSPEND_THRESHOLD_NS", "Call", "Collected", "SessionBook"]
+
+#: An activity call waiting in :attr:`SessionBook.calls`: the book's method that
+#: applies it, its two arguments, and the monotonic instant it was made.
+Call = tuple[Callable[[Any, Any, int], None], Any, Any, int]
+#: A caller that finds this many calls waiting applies them itself (under the
+#: agent's lock): the queue stays small when nothing else settles it.
+SETTLE_AT = 256
 
 #: The wall clock running this far ahead of the monotonic clock means the
 #: machine slept and the monotonic clock did not count it (where no
@@ -97,19 +111,41 @@ class SessionBook:
         #: Whether the game's window is in front (as the game last said; a game
         #: that never says stays in front, and only the inactivity timeout applies).
         self.foreground = True
+        #: Activity calls made since the last :meth:`settle`, oldest first. Game
+        #: threads append to it without the lock (``deque.append`` is atomic), so
+        #: threads calling at once never queue on the lock for an activity call;
+        #: every method below applies them first, in order, each at its instant.
+        self.calls: deque[Call] = deque()
+
+    def settle(self) -> None:
+        """Apply the activity calls waiting in :attr:`calls` (under the agent's lock)."""
+        calls = self.calls
+        popleft = calls.popleft
+        # Only the lock's holder pops. What is queued by now, not what game threads
+        # append meanwhile: those that find the queue long wait on the lock for
+        # this batch (they hold the queue back), then settle their own.
+        for _ in range(len(calls)):
+            apply, first, second, at = popleft()
+            apply(first, second, at)
 
     # -- beginning and ending --------------------------------------------------
 
     def begin(self, context: SessionContext, parent_rkey: str | None = None) -> SessionState:
         """Start a new session (ending a live one as ``ended``/``user_initiated``)."""
-        now_ns = self._mono()
-        self.end("ended", "user_initiated", now_ns)
+        self.settle()
+        return self._begin(context, parent_rkey, self._mono())
+
+    def _begin(self, context: SessionContext, parent_rkey: str | None, now_ns: int) -> SessionState:
+        """Begin at ``now_ns``: now, or the instant of the queued call that resumes play."""
+        # The wall clock as it read then (the two clocks move together while awake).
+        wall_ns = self._wall() - (self._mono() - now_ns)
+        self._end("ended", "user_initiated", now_ns)
         session = SessionState(
             rkey=self._tids.next(),
             client_version=self._settings.client_version,
             platform=self._settings.platform,
             context=context,
-            started_wall_ms=self._wall() // 1_000_000,
+            started_wall_ms=wall_ns // 1_000_000,
             started_mono_ns=now_ns,
             did=self.did,
         )
@@ -131,6 +167,10 @@ class SessionBook:
 
     def end(self, status: str, reason: str, at_mono_ns: int | None = None) -> str | None:
         """End the live session (now, or at ``at_mono_ns``); its rkey, or None if none ran."""
+        self.settle()
+        return self._end(status, reason, at_mono_ns)
+
+    def _end(self, status: str, reason: str, at_mono_ns: int | None = None) -> str | None:
         session = self.live
         if session is None:
             return None
@@ -148,8 +188,9 @@ class SessionBook:
         Returns the seconds until the next check is due (infinity when no
         session is live).
         """
+        self.settle()
         now_ns = self._mono()
-        self._end_if_idle(now_ns)
+        self._end_if_idle(now_ns, self._wall())
         session = self.live
         if session is None:
             return float("inf")
@@ -168,56 +209,65 @@ class SessionBook:
             return idle
         return min(idle, (since + self._background_ns, since))
 
-    def _end_if_idle(self, now_ns: int) -> bool:
+    def _end_if_idle(self, now_ns: int, wall_ns: int | None) -> bool:
+        """End the live session if it is over at ``now_ns``; True if it ended.
+
+        ``wall_ns``: the wall clock at ``now_ns``, for a sleep the monotonic
+        clock did not count; None for a queued call, whose moment's wall time
+        is not known (:meth:`end_if_idle`, every recorder round, catches it).
+        """
         session = self.live
         if session is None:
             return False
         deadline, left_at = self._away_deadline(session)
         if now_ns > session.expires_mono_ns:
             # As recovery dates a crashed one: the last activity is the last sure fact.
-            self.end("expired", "timeout", session.last_activity_mono_ns)
+            self._end("expired", "timeout", session.last_activity_mono_ns)
         elif now_ns > deadline:
             # Dated when the player left (the last activity, or the moment the
             # window went behind), not when we noticed.
-            self.end("ended", "inactivity", left_at)
-        elif self._wall() - now_ns > session.asleep_offset_ns:
+            self._end("ended", "inactivity", left_at)
+        elif wall_ns is not None and wall_ns - now_ns > session.asleep_offset_ns:
             # Asleep at some unknown moment: behind already, or after the last activity.
             since = session.background_since_mono_ns
-            self.end(
+            self._end(
                 "ended", "inactivity", session.last_activity_mono_ns if since is None else since
             )
         else:
             return False
         return True
 
-    def _resume(self) -> SessionState | None:
-        """Activity after an inactivity end: a continuation within the window, else a new one."""
+    def _resume(self, now_ns: int) -> SessionState | None:
+        """Activity at ``now_ns`` after an inactivity end: a continuation within the
+        window, else a new one."""
         previous = self._resumable
         if previous is None or previous.ended_mono_ns is None:
             return None
         # Wall time, not monotonic: a machine that slept has been away all along.
-        away_ms = self._wall() // 1_000_000 - previous.wall_ms(previous.ended_mono_ns)
+        wall_ns = self._wall() - (self._mono() - now_ns)
+        away_ms = wall_ns // 1_000_000 - previous.wall_ms(previous.ended_mono_ns)
         parent = previous.rkey if away_ms <= self._window_ms else None
         # Same entry and auth as before; never a new user's first session again.
         was_new = previous.context.is_new_user
         context = previous.context._replace(
             is_new_user=None if was_new is None else False, referrer=None
         )
-        return self.begin(context, parent_rkey=parent)
+        return self._begin(context, parent, now_ns)
 
-    # -- activity (the hot path) -----------------------------------------------
+    # -- activity (the hot path, applied by settle) ------------------------------
 
-    def active(self) -> SessionState | None:
-        """The live session, with this call counted as activity.
+    def active(self, now: int) -> SessionState | None:
+        """The live session, with a call made at ``now`` (monotonic ns) counted as activity.
 
         Ends a session that went idle, and resumes play in a new one (a
-        continuation when recent enough). One clock read, one comparison and
-        one flag in front: the clock counts time asleep, so a suspend is
-        inactivity like any other; the maximum age, and a sleep the clock could
-        not count, are caught by :meth:`end_if_idle`; a window behind takes the
-        slow path. :meth:`collect` finds the change from ``total_events``.
+        continuation when recent enough). One comparison and one flag in front:
+        the clock counts time asleep, so a suspend is inactivity like any other;
+        the maximum age, and a sleep the clock could not count, are caught by
+        :meth:`end_if_idle`; a window behind takes the slow path. :meth:`collect`
+        finds the change from ``total_events``. Game threads read the clock
+        before their calls reach the queue, so ``now`` may be a little older
+        than another thread's last activity: it never moves that back.
         """
-        now = self._mono()
         session = self.live
         if (
             session is None
@@ -226,8 +276,69 @@ class SessionBook:
         ):
             return self._active_rarely(now)
         session.total_events += 1
-        session.last_activity_mono_ns = now
+        if now > session.last_activity_mono_ns:
+            session.last_activity_mono_ns = now
         return session
+
+    # The activity calls, as :meth:`settle` applies them: (first, second, instant).
+
+    def on_touch(self, _first: None, _second: None, now: int) -> None:
+        """``touch()``: activity, nothing else."""
+        self.active(now)
+
+    def on_page(self, route: str, _second: None, now: int) -> None:
+        """``page(route)``: unique routes, in first-visit order."""
+        session = self.active(now)
+        if session is not None and route not in session.pages:
+            self.add_unique(session.pages, route, MAX_PAGES, "pages_over_cap")
+
+    def on_feature(self, name: str, _second: None, now: int) -> None:
+        """``feature(name)``: unique names, in first-use order."""
+        session = self.active(now)
+        if session is not None and name not in session.features:
+            self.add_unique(session.features, name, MAX_FEATURES, "features_over_cap")
+
+    def on_action(self, kind: str, count: int, now: int) -> None:
+        """``action(kind, count)``: a game action's count."""
+        session = self.active(now)
+        if session is not None:
+            session.actions[kind] = session.actions.get(kind, 0) + count
+
+    def on_progress(self, xp: int, level: int | None, now: int) -> None:
+        """``progress(xp, level)``: the first report is the session's baseline."""
+        session = self.active(now)
+        if session is not None:
+            if session.first_xp is None:
+                session.first_xp = xp
+            session.current_xp = xp
+            if level is not None:
+                session.current_level = level
+
+    def on_response(self, ms: float, ok: bool, now: int) -> None:
+        """``response(ms, ok)``: a measured API response, and activity."""
+        session = self.active(now)
+        if session is not None:
+            session.count_response(ms, ok)
+
+    def on_request(self, ms: float, ok: bool, _now: int) -> None:
+        """``report_request()``: one of the game's requests, timed: not activity."""
+        session = self.live
+        if session is not None:
+            session.count_response(min(ms, MAX_RESPONSE_MS), ok)
+            self._dirty = True
+
+    def on_log(self, uri: str, _second: None, now: int) -> None:
+        """``link_log(uri)``: a linked log record, once."""
+        session = self.active(now)
+        if session is not None and uri not in session.log_uris:
+            self.add_unique(session.log_uris, uri, MAX_LINKED_URIS, "log_uris_over_cap")
+
+    def on_progress_link(self, uri: str, _second: None, now: int) -> None:
+        """``link_progress(uri)``: a linked progress record, once."""
+        session = self.active(now)
+        if session is not None and uri not in session.progress_uris:
+            uris = session.progress_uris
+            self.add_unique(uris, uri, MAX_LINKED_URIS, "progress_uris_over_cap")
 
     def _active_rarely(self, now: int) -> SessionState | None:
         """:meth:`active` with no session, an idle one, or the window behind.
@@ -237,16 +348,16 @@ class SessionBook:
         the background deadline, and resumes no session (a minimized game whose
         loop keeps calling would otherwise start one every few minutes).
         """
-        self._end_if_idle(now)
+        self._end_if_idle(now, None)
         session = self.live
         if session is None and self.foreground:
-            session = self._resume()
+            session = self._resume(now)
         if session is None:
             if self._settings.enabled and self.recording:
                 self._dropped["calls_without_session"] += 1
             return None
         session.total_events += 1
-        if self.foreground:
+        if self.foreground and now > session.last_activity_mono_ns:
             session.last_activity_mono_ns = now
         return session
 
@@ -261,6 +372,7 @@ class SessionBook:
         call would. A repeated state changes nothing. Only signals the
         recorder when it begins or ends a session.
         """
+        self.settle()
         if foreground is self.foreground:
             return
         self.foreground = foreground
@@ -271,10 +383,10 @@ class SessionBook:
                 session.to_background(now)
                 self._dirty = True
             return
-        if session is not None and self._end_if_idle(now):
+        if session is not None and self._end_if_idle(now, self._wall()):
             session = None
         if session is None:
-            self._resume()
+            self._resume(now)
             return
         session.to_foreground(now)
         session.last_activity_mono_ns = now
@@ -291,15 +403,9 @@ class SessionBook:
         """Count a call refused or cut short (``status().dropped[kind]``)."""
         self._dropped[kind] += 1
 
-    def count_response(self, ms: float, ok: bool) -> None:
-        """One of the game's requests, timed: not activity, but the live session's."""
-        session = self.live
-        if session is not None:
-            session.count_response(ms, ok)
-            self._dirty = True
-
     def network_changed(self, condition: str, at_mono_ns: int) -> None:
         """Bank the live session's time in the old condition; it is in ``condition`` now."""
+        self.settle()
         session = self.live
         if session is not None:
             session.set_condition(condition, at_mono_ns)
@@ -309,6 +415,7 @@ class SessionBook:
 
     def login_started(self, tag: str) -> None:
         """A login tagged ``tag`` is under way: what is recorded meanwhile awaits it."""
+        self.settle()
         self.awaiting = tag
         session = self.live
         if session is not None and session.did is None:
@@ -321,6 +428,7 @@ class SessionBook:
         A live session recorded while no account was known becomes ``did``'s; one
         of another account is ``invalidated``/``forced_end`` (an account switch).
         """
+        self.settle()
         self.awaiting = None
         self._set_account(did)
 
@@ -332,6 +440,7 @@ class SessionBook:
         the recorder with the next :meth:`collect`). When it failed they await
         nothing any more: no account's, they stay local.
         """
+        self.settle()
         if self.awaiting == tag:
             self.awaiting = None
         self._attributions.append((tag, did))
@@ -346,6 +455,7 @@ class SessionBook:
 
     def logged_out(self) -> None:
         """No account from now on (end the live session first)."""
+        self.settle()
         self.did = None
         self.awaiting = None
 
@@ -359,12 +469,13 @@ class SessionBook:
             session.awaiting_login = None
             self._dirty = True
         else:
-            self.end("invalidated", "forced_end")
+            self._end("invalidated", "forced_end")
 
     # -- handing over --------------------------------------------------------------
 
     def collect(self) -> Collected:
         """What changed since the last collect: the live session's copy, the finished ones."""
+        self.settle()
         session = self.live
         changed = session is not None and (
             self._dirty or session.total_events != self._collected_events
@@ -386,10 +497,12 @@ class SessionBook:
 
     def dropped(self) -> dict[str, int]:
         """Every call refused or cut short since the book began, by kind."""
+        self.settle()
         return dict(self._dropped_collected + self._dropped)
 
     def clear(self) -> None:
         """Forget every session, live and finished (the player purged their data)."""
+        self.settle()
         self.live = None
         self._resumable = None
         self._finished = []

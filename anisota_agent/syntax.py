@@ -31,16 +31,18 @@ MAX_NSID_LEN = 317
 #: A record key: 1 to 512 characters.
 MAX_RECORD_KEY_LEN = 512
 
-# A DNS label: 1 to 63 letters, digits or hyphens, no hyphen at either end.
-_LABEL = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?"
+# A DNS label: 1 to 63 letters, digits or hyphens, no hyphen at either end
+# (said with lookarounds: they cost less than the backtracking of a nested group).
+_LABEL = r"(?!-)[a-zA-Z0-9-]{1,63}(?<!-)"
 # The same, starting with a letter: a top-level domain may not start with a digit.
-_TLD = r"[a-zA-Z](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?"
+_TLD = r"(?![0-9-])[a-zA-Z0-9-]{1,63}(?<!-)"
 
 # ``did:``, a method of lowercase letters, ``:``, then an identifier of letters,
 # digits, ``._:-`` and %-escapes (a ``%`` followed by two hex digits), that does
 # not end in ``:``. Query, fragment and path are DID-URL parts, not a DID's.
-_ID_CHAR = r"(?:[a-zA-Z0-9._-]|%[0-9a-fA-F]{2})"
-_DID = re.compile(rf"did:[a-z]+:(?:{_ID_CHAR}|:)*{_ID_CHAR}")
+# One class for the plain characters, then a look back for the ``:`` the
+# identifier may not end in: no alternation of two classes at every character.
+_DID = re.compile(r"did:[a-z]+:(?:[a-zA-Z0-9._:-]|%[0-9a-fA-F]{2})+(?<!:)")
 # Two labels at least, the last a TLD. Case does not matter (handles are normalised
 # to lowercase, and a check of syntax accepts both).
 _HANDLE = re.compile(rf"(?:{_LABEL}\.)+{_TLD}")
@@ -48,6 +50,13 @@ _HANDLE = re.compile(rf"(?:{_LABEL}\.)+{_TLD}")
 # that starts with a letter: three segments at least.
 _NSID = re.compile(rf"{_TLD}(?:\.{_LABEL})+\.[a-zA-Z][a-zA-Z0-9]{{0,62}}")
 _RECORD_KEY = re.compile(r"[a-zA-Z0-9._:~-]{1,512}")
+# A record's at-uri in one match: the game's thread checks every link_log and
+# link_progress with it, and one match costs a third of four. Up to this length
+# no part can pass its own cap (a handle in it is under 253 characters).
+_RECORD_URI = re.compile(
+    rf"at://(?:{_DID.pattern}|{_HANDLE.pattern})/{_NSID.pattern}/(?!\.\.?\Z){_RECORD_KEY.pattern}"
+)
+_RECORD_URI_ONE_MATCH_LEN = 256
 
 
 def is_did(text: str) -> bool:
@@ -80,6 +89,8 @@ def is_record_uri(text: str) -> bool:
     record: the authority a DID or a handle, the collection an NSID, the key a
     record key; no query, no fragment, no empty or extra path segment.
     """
+    if len(text) <= _RECORD_URI_ONE_MATCH_LEN:
+        return _RECORD_URI.fullmatch(text) is not None
     if not text.startswith("at://"):
         return False
     parts = text[5:].split("/")

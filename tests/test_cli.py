@@ -47,7 +47,8 @@ def test_status_lists_the_queue(capsys: pytest.CaptureFixture[str], recorded: Re
     code, out, _ = run(capsys, "--data-dir", str(data_dir), "status")
     assert code == 0
     # Recorded with no account: local, never uploaded.
-    assert "sessions: live 1, pending 0, local 2, synced 0, quarantined 0, deleted 0\n" in out
+    counts = "live 1, pending 0, local 2, synced 0, quarantined 0, withheld 0, deleted 0"
+    assert f"sessions: {counts}\n" in out
     assert str(data_dir / "agent.sqlite3") in out
 
 

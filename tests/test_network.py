@@ -463,7 +463,8 @@ def test_concurrent_observers_leave_a_consistent_history() -> None:
         thread.join()
     history = monitor.pop_transitions()
     assert history, "the first answer must have made a transition"
-    assert history[0].old == "unknown"
+    if len(history) < MAX_PENDING_TRANSITIONS:  # else the oldest were let go, by design
+        assert history[0].old == "unknown"
     for before, after in itertools.pairwise(history):
         assert before.new == after.old  # an unbroken chain: no lost update
     assert history[-1].new == monitor.condition

@@ -107,20 +107,20 @@ def test_an_explicit_end_is_not_resumed_by_activity(t: Book) -> None:
     t.begin()
     t.book.end("ended", "user_initiated")
     t.clock.advance(60)
-    assert t.book.active() is None
+    assert t.book.active(t.clock.mono) is None
     assert t.book.dropped() == {"calls_without_session": 1}
 
 
 def test_activity_counts_events_and_moves_the_last_activity(t: Book) -> None:
     session = t.begin()
     t.clock.advance(42)
-    assert t.book.active() is session
+    assert t.book.active(t.clock.mono) is session
     assert session.total_events == 1 and session.last_activity_mono_ns == t.clock.mono
 
 
 def test_a_disabled_book_counts_no_call_without_session() -> None:
     t = Book(enabled=False)
-    assert t.book.active() is None and t.book.dropped() == {}
+    assert t.book.active(t.clock.mono) is None and t.book.dropped() == {}
 
 
 # -- inactivity and continuation ---------------------------------------------------------
@@ -129,7 +129,7 @@ def test_a_disabled_book_counts_no_call_without_session() -> None:
 def test_inactivity_ends_the_session_at_its_last_activity(t: Book) -> None:
     session = t.begin()
     t.clock.advance(60)
-    t.book.active()
+    t.book.active(t.clock.mono)
     last = t.clock.mono
     t.clock.advance(10 * MINUTE + 1)
     assert t.book.end_if_idle() == float("inf")
@@ -141,7 +141,7 @@ def test_end_if_idle_says_when_to_look_again(t: Book) -> None:
     t.begin()
     t.clock.advance(4 * MINUTE)
     assert t.book.end_if_idle() == pytest.approx(6 * MINUTE)
-    t.book.active()
+    t.book.active(t.clock.mono)
     assert t.book.end_if_idle() == pytest.approx(10 * MINUTE)
 
 
@@ -150,7 +150,7 @@ def test_activity_inside_the_window_starts_a_linked_continuation(t: Book) -> Non
     t.clock.advance(10 * MINUTE + 1)
     t.book.end_if_idle()
     t.clock.advance(9 * MINUTE)  # 19 min after the end (the last activity)
-    second = t.book.active()
+    second = t.book.active(t.clock.mono)
     assert second is not None and second.parent_rkey == first.rkey
     # Same entry and auth; never a new user again, and no referrer of its own.
     assert second.context == SessionContext(entry_point="login", is_new_user=False)
@@ -162,7 +162,7 @@ def test_activity_after_the_window_starts_a_plain_session(t: Book) -> None:
     t.clock.advance(10 * MINUTE + 1)
     t.book.end_if_idle()
     t.clock.advance(20 * MINUTE + 1)
-    second = t.book.active()
+    second = t.book.active(t.clock.mono)
     assert second is not None and second.rkey != first.rkey and second.parent_rkey is None
 
 
@@ -170,7 +170,7 @@ def test_the_window_counts_from_the_last_activity_not_from_the_check(t: Book) ->
     """The end is dated at the last activity; the window runs from there."""
     first = t.begin()
     t.clock.advance(25 * MINUTE)  # nobody checked meanwhile
-    second = t.book.active()  # the call ends the old session itself
+    second = t.book.active(t.clock.mono)  # the call ends the old session itself
     assert (first.end_reason, first.ended_mono_ns) == ("inactivity", first.started_mono_ns)
     # 25 min after the last activity: past the 20-min window, though only 15 min
     # past the moment the session went idle.
@@ -180,7 +180,7 @@ def test_the_window_counts_from_the_last_activity_not_from_the_check(t: Book) ->
 def test_a_call_long_after_the_window_ends_and_starts_plain(t: Book) -> None:
     first = t.begin()
     t.clock.advance(31 * MINUTE)
-    second = t.book.active()
+    second = t.book.active(t.clock.mono)
     assert first.end_reason == "inactivity" and second is not None
     assert second.parent_rkey is None
     assert [s.rkey for s in t.finished()] == [first.rkey]
@@ -189,7 +189,7 @@ def test_a_call_long_after_the_window_ends_and_starts_plain(t: Book) -> None:
 def test_a_new_user_stays_unknown_in_a_continuation_when_unknown(t: Book) -> None:
     t.begin()
     t.clock.advance(11 * MINUTE)
-    second = t.book.active()
+    second = t.book.active(t.clock.mono)
     assert second is not None and second.context.is_new_user is None
 
 
@@ -198,10 +198,10 @@ def test_a_new_user_stays_unknown_in_a_continuation_when_unknown(t: Book) -> Non
 
 def test_a_suspend_the_clock_counts_is_inactivity_from_the_last_activity(t: Book) -> None:
     session = t.begin()
-    t.book.active()
+    t.book.active(t.clock.mono)
     last = t.clock.mono
     t.clock.advance(3600)  # asleep, counted (CLOCK_BOOTTIME)
-    after = t.book.active()
+    after = t.book.active(t.clock.mono)
     assert session.end_reason == "inactivity" and session.ended_mono_ns == last
     assert after is not None and after.parent_rkey is None  # an hour > 10 + 20 min
 
@@ -209,7 +209,7 @@ def test_a_suspend_the_clock_counts_is_inactivity_from_the_last_activity(t: Book
 def test_a_suspend_the_clock_did_not_count_is_caught_by_the_wall_clock(t: Book) -> None:
     session = t.begin()
     t.clock.advance(30)
-    t.book.active()
+    t.book.active(t.clock.mono)
     last = t.clock.mono
     t.clock.sleep_unseen(SUSPEND_THRESHOLD_NS / 1e9 + 1)
     t.book.end_if_idle()
@@ -229,10 +229,10 @@ def test_a_session_past_the_maximum_age_expires_then_continues() -> None:
     first = t.begin()
     for _ in range(5):  # active all along, 30 min apart
         t.clock.advance(30 * MINUTE)
-        t.book.active()
+        t.book.active(t.clock.mono)
     t.book.end_if_idle()
     assert (first.status, first.end_reason) == ("expired", "timeout")
-    second = t.book.active()
+    second = t.book.active(t.clock.mono)
     assert second is not None and second.parent_rkey == first.rkey
 
 
@@ -241,7 +241,7 @@ def test_a_session_past_the_maximum_age_ends_at_its_last_activity() -> None:
     t = Book(max_session_age=60, inactivity_timeout=3600)
     session = t.begin()
     t.clock.advance(59)
-    t.book.active()
+    t.book.active(t.clock.mono)
     t.clock.advance(11)
     t.book.end_if_idle()
     assert session.status == "expired"
@@ -255,9 +255,9 @@ def test_a_call_past_the_maximum_age_is_left_to_the_idle_check(t: Book) -> None:
     t = Book(max_session_age=3600, inactivity_timeout=3600)
     session = t.begin()
     t.clock.advance(50 * MINUTE)
-    t.book.active()
+    t.book.active(t.clock.mono)
     t.clock.advance(20 * MINUTE)
-    assert t.book.active() is session
+    assert t.book.active(t.clock.mono) is session
     t.book.end_if_idle()
     assert session.status == "expired"
 
@@ -354,9 +354,9 @@ def test_collect_copies_the_live_session_only_when_it_changed(t: Book) -> None:
     first = t.book.collect()
     assert first.live is not None and first.live is not session
     assert t.book.collect().live is None  # nothing new
-    t.book.active()
+    t.book.active(t.clock.mono)
     assert t.book.collect().live is not None
-    t.book.count_response(120.0, ok=False)  # not activity, but a change
+    t.book.on_request(120.0, False, t.clock.mono)  # not activity, but a change
     assert t.book.collect().live is not None
     t.book.network_changed("offline", t.clock.mono)
     changed = t.book.collect().live
@@ -379,7 +379,7 @@ def test_the_collected_copy_does_not_change_with_the_live_session(t: Book) -> No
 
 
 def test_dropped_calls_are_handed_once_and_totalled(t: Book) -> None:
-    t.book.active()
+    t.book.active(t.clock.mono)
     t.book.drop("refused_calls")
     assert t.book.collect().dropped == {"calls_without_session": 1, "refused_calls": 1}
     t.book.drop("refused_calls")
@@ -397,7 +397,7 @@ def test_a_capped_list_stops_growing_and_counts_the_overflow(t: Book) -> None:
 def test_a_timed_request_is_not_activity(t: Book) -> None:
     session = t.begin()
     t.clock.advance(9 * MINUTE)
-    t.book.count_response(50.0, ok=True)
+    t.book.on_request(50.0, True, t.clock.mono)
     t.clock.advance(2 * MINUTE)
     t.book.end_if_idle()
     assert session.end_reason == "inactivity" and session.response_count == 1
@@ -423,13 +423,13 @@ def test_clear_forgets_live_finished_and_resumable_sessions(t: Book) -> None:
     t.book.clear()
     assert t.book.live is None and t.book.collect().finished == []
     t.clock.advance(60)
-    assert t.book.active() is None  # nothing to resume
+    assert t.book.active(t.clock.mono) is None  # nothing to resume
 
 
 def test_the_record_of_an_inactivity_end_is_dated_at_the_last_activity(t: Book) -> None:
     session = t.begin()
     t.clock.advance(59)
-    t.book.active()
+    t.book.active(t.clock.mono)
     t.clock.advance(11 * MINUTE)
     t.book.end_if_idle()
     record = build_record(session, t.clock.mono)
