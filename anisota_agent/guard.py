@@ -25,6 +25,7 @@ __all__ = [
     "GUARD_WITHHELD",
     "Guarded",
     "apply_guard",
+    "raised_in",
 ]
 
 logger = logging.getLogger("anisota_agent")
@@ -63,7 +64,7 @@ def apply_guard(
             "%s for session %s (in %s): the session stays local, not uploaded",
             reason,
             rkey,
-            _raised_in(failure),
+            raised_in(failure),
         )
         return Guarded(record, reason, GUARD_ERRORS)
     if result is None:
@@ -90,7 +91,7 @@ def apply_guard(
     return Guarded(plain, None, None)
 
 
-def _raised_in(failure: BaseException) -> str:
+def raised_in(failure: BaseException) -> str:
     """Where ``failure`` was raised, as ``file:line in function``: a clue without its message."""
     where = failure.__traceback__
     if where is None:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from .checks import is_loopback_host
+from .guard import raised_in
 from .network import NetworkMonitor, interfaces_up
 from .status import BACKGROUND_FACTS, STATUS_META_PREFIX, SYNC_FACTS
 
@@ -504,7 +505,7 @@ class UplinkWorker:
             raise  # the network's answer: retried with backoff
         except Exception as failure:
             link.problem = f"{what} failed: unexpected {type(failure).__name__}"
-            logger.error("%s (raised in %s)", link.problem, _raised_in(failure))
+            logger.error("%s (raised in %s)", link.problem, raised_in(failure))
             self._status.add_counts({"account_errors": 1})
             return None
 
@@ -640,17 +641,6 @@ class UplinkWorker:
             self._mirrored_at = now
             if self._live_record is live:
                 self._live_record = None
-
-
-def _raised_in(failure: BaseException) -> str:
-    """Where ``failure`` was raised, as ``file:line in function``: a clue without its message."""
-    where = failure.__traceback__
-    if where is None:
-        return "an unknown place"
-    while where.tb_next is not None:
-        where = where.tb_next
-    code = where.tb_frame.f_code
-    return f"{code.co_filename}:{where.tb_lineno} in {code.co_name}"
 
 
 def _is_local(engine: SyncEngine | None) -> bool:

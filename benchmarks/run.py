@@ -121,6 +121,7 @@ def bench_import_and_start(runs: int = 21) -> dict[str, Any]:
                 text=True,
                 check=True,
                 env=env,
+                cwd=tmp,  # not this checkout: ``-c`` puts the working dir first on sys.path
             ).stdout.split()
             if not out[2].startswith(str(site)):
                 raise RuntimeError(f"imported {out[2]}, not the installed wheel")
