@@ -1077,7 +1077,6 @@ class Store:
         return [StoredSession.from_row(row) for row in rows]
 
     @_locked
-    @_locked
     def mark_in_flight(self, rkeys: list[str]) -> None:
         """Record, before sending, that these sessions' writes are about to leave."""
         self._update_many(rkeys, "in_flight = 1, attempts = attempts + 1")
