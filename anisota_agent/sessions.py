@@ -5,7 +5,9 @@ background, a suspend or the maximum age, starts continuations, attributes
 sessions to the account a login yields, and hands the recorder what changed
 (:meth:`SessionBook.collect`). Time comes from the injected clock; there is no
 lock, no thread and no I/O here: the :class:`~anisota_agent.Agent` calls it
-under its own lock.
+under its own lock, except for the activity calls, which game threads append
+to :attr:`SessionBook.calls` without it and the book applies in order before
+anything else (:meth:`SessionBook.settle`).
 """
 
 from __future__ import annotations
