@@ -39,7 +39,8 @@ class AgentStatus(NamedTuple):
             for, or after the file failed), ``starting`` or ``stopped``.
         session: the live session's record key, if any.
         outbox: sessions in the store by state (live, pending, local, synced,
-            quarantined, withheld), as of the recorder's or the uplink's last round.
+            quarantined, withheld, deleted), as of the recorder's or the uplink's
+            last round.
         dropped: calls this agent refused or cut short (by kind), since it started.
         counters: losses and failures the background threads counted (failed checkpoints,
             pruned sessions, ...), also kept in the store.

@@ -199,7 +199,7 @@ class StoredSession(NamedTuple):
 class Salvage(NamedTuple):
     """What was saved from a corrupt store file when it was replaced by a fresh one.
 
-    ``salvaged``: sessions not yet synced (live, pending, quarantined) copied into
+    ``salvaged``: sessions of the :data:`SALVAGE_STATES` (none synced) copied into
     the fresh store, owner fields kept so recovery can expire a dead owner's live
     ones. ``lost``: sessions of the old file that could not be read (their state
     unknown, so counted whatever it was); :data:`LOST_UNKNOWN` (-1) when not even
