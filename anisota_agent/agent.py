@@ -664,8 +664,11 @@ class Agent:
         calls = self._calls
         calls.append((apply, first, second, self._now()))
         if len(calls) >= SETTLE_AT:
-            with self._lock:
-                self._book.settle()
+            self._settle_queue()
+
+    def _settle_queue(self) -> None:
+        with self._lock:
+            self._book.settle()
 
     def set_foreground(self, foreground: bool) -> None:
         """The game's window went to the background (``False``) or came back (``True``).
@@ -720,11 +723,19 @@ class Agent:
         condition, but is not player activity: a game polling its API in the
         background still goes inactive. The timing helpers below call it for you.
         """
-        with self._refusals():
+        try:
             check_number("elapsed_ms", elapsed_ms, 0, MAX_REQUEST_MS)
             check_choice("outcome", outcome, OUTCOMES)
-        self._network.observe_request(elapsed_ms, outcome)
-        self._queue(self._book.on_request, elapsed_ms, outcome == "ok")
+        except (TypeError, ValueError):
+            self._refused()
+            raise
+        # One reading of the clock for both (as _queue would, then the monitor).
+        now = self._now()
+        self._network.observe_request(elapsed_ms, outcome, now / 1e9)
+        calls = self._calls
+        calls.append((self._book.on_request, elapsed_ms, outcome == "ok", now))
+        if len(calls) >= SETTLE_AT:
+            self._settle_queue()
 
     def httpx_event_hooks(self, *, asynchronous: bool = False) -> dict[str, list[Any]]:
         """``event_hooks`` for the game's ``httpx.Client`` (or ``AsyncClient``) that time

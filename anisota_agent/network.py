@@ -4,8 +4,9 @@
 itself: the uplink feeds it interface readings (:func:`interfaces_up`) and probe
 results, the response-timing hooks (:mod:`anisota_agent.timing`) feed it the
 outcome of every instrumented request, and time comes from an injected
-monotonic clock. Every ``observe_*`` call takes one small lock and does O(1)
-work, because it runs on the host's request path, on any thread.
+monotonic clock. Every ``observe_*`` call does O(1) work, because it runs on
+the host's request path, on any thread: one small lock, and not even that for
+the usual request (an answer in time while steadily ``online``).
 
 Signals:
 
@@ -230,6 +231,9 @@ class NetworkMonitor:
         self._last_failed_probe_at: float | None = None
         self._transitions: deque[Transition] = deque(maxlen=MAX_PENDING_TRANSITIONS)
         self.dropped_transitions = 0
+        # Online, no error streak, no failed probe and the window all fast: then
+        # a fast answer changes nothing (observe_request's path without the lock).
+        self._steady = False
 
     # -- signals (any thread, O(1)) ----------------------------------------------
 
@@ -247,8 +251,19 @@ class NetworkMonitor:
             change = self._update(self._now())
         self._notify(change)
 
-    def observe_request(self, elapsed_ms: float, outcome: str) -> None:
-        """Record one measured request: ``ok``, ``server_error`` or ``network_error``."""
+    def observe_request(self, elapsed_ms: float, outcome: str, now: float | None = None) -> None:
+        """Record one measured request: ``ok``, ``server_error`` or ``network_error``.
+
+        ``now``: the monitor's clock, if the caller has just read it (it saves a
+        reading; a change of condition reads it again under the lock, in order).
+        """
+        if self._steady and outcome == "ok" and 0 <= elapsed_ms < self._fast_ms:
+            # The usual request, from any of the host's threads, without the lock:
+            # in a steady state another fast answer changes nothing but the time
+            # of the last outcome (an atomic store). Four game threads then never
+            # queue up behind a lock whose holder the interpreter switched away from.
+            self._last_outcome_at = self._now() if now is None else now
+            return
         if outcome not in _OUTCOMES:
             raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}; got {outcome!r}")
         if not 0 <= elapsed_ms < _INF:  # also refuses NaN
@@ -262,8 +277,6 @@ class NetworkMonitor:
                 self._answered()
                 if outcome == "ok":
                     self._sample(elapsed_ms)
-            if self._derive() == self._condition:
-                return  # the usual case: nothing changed, nothing to notify
             change = self._update(now)
         self._notify(change)
 
@@ -367,6 +380,12 @@ class NetworkMonitor:
     def _update(self, now: float) -> Transition | None:
         """Apply the rules; queue and return the transition if the condition changed."""
         new = self._derive()
+        self._steady = (
+            new == "online"
+            and not self._errors
+            and not self._failed_probes
+            and self._fast_votes == self._window
+        )
         if new == self._condition:
             return None
         transition = Transition(now, self._condition, new)

@@ -470,6 +470,50 @@ def test_concurrent_observers_leave_a_consistent_history() -> None:
     assert history[-1].new == monitor.condition
 
 
+class _NoLock:
+    """Stands in for the monitor's lock where a call must not take it."""
+
+    def __enter__(self) -> None:
+        raise AssertionError("the lock was taken")
+
+    def __exit__(self, *exc: object) -> None:
+        raise AssertionError("the lock was taken")
+
+
+def steady(**settings: Any) -> tuple[NetworkMonitor, FakeClock]:
+    """Online with a window of fast answers: the state most requests find."""
+    monitor, clock = online(**settings)
+    for _ in range(4):
+        monitor.observe_request(FAST, "ok")
+    return monitor, clock
+
+
+def test_a_fast_answer_in_a_steady_state_takes_no_lock() -> None:
+    monitor, clock = steady()
+    lock, monitor._lock = monitor._lock, _NoLock()  # type: ignore[assignment]
+    clock.advance(100)
+    monitor.observe_request(FAST, "ok")
+    monitor.observe_request(FAST, "ok", clock.t + 20)  # the caller's own reading
+    monitor._lock = lock
+    # It still counts as the last outcome: the confirmation probe moves with it.
+    assert monitor.next_probe_at() == clock.t + 20 + 300
+    assert monitor.condition == "online"
+    assert monitor.pop_transitions() == []
+
+
+def test_anything_else_in_a_steady_state_still_counts() -> None:
+    monitor, _ = steady()
+    for _ in range(4):
+        monitor.observe_request(SLOW, "ok")
+    assert conditions(monitor) == ["slow"]
+    monitor, _ = steady()
+    for _ in range(3):
+        monitor.observe_request(FAST, "network_error")
+    assert conditions(monitor) == ["offline"]
+    monitor.observe_request(FAST, "ok")
+    assert conditions(monitor) == ["online"]
+
+
 # --- validation ---------------------------------------------------------------------------
 
 
@@ -482,6 +526,10 @@ def test_bad_observations_are_refused(elapsed: float, outcome: str) -> None:
     with pytest.raises(ValueError):
         monitor.observe_request(elapsed, outcome)
     assert monitor.condition == "unknown"
+    monitor, _ = steady()  # where a fast answer takes the path without the lock
+    with pytest.raises(ValueError):
+        monitor.observe_request(elapsed, outcome)
+    assert monitor.condition == "online"
 
 
 def test_bad_probe_and_interface_values_are_refused() -> None:
