@@ -880,17 +880,19 @@ class Store:
         return bool(cursor.rowcount)
 
     @_locked
-    def attribute(self, tag: str, did: str | None) -> int:
+    def attribute(self, tag: str, did: str | None, *, not_owner: str | None = None) -> int:
         """Give ``did`` to the sessions recorded while login ``tag`` was under way.
 
         Only sessions with no account yet and not synced; returns how many. None:
-        the login failed, its ended sessions are ``local``.
+        the login failed, its ended sessions are ``local``. ``not_owner``: only
+        sessions some other process recorded (not the owner with this token).
         """
         cursor = self.db.execute(
             "UPDATE sessions SET did = ?, awaiting_login = NULL,"
             " outbox = CASE WHEN outbox = 'pending' AND ? IS NULL THEN 'local' ELSE outbox END"
-            " WHERE did IS NULL AND awaiting_login = ? AND outbox != 'synced'",
-            [did, did, tag],
+            " WHERE did IS NULL AND awaiting_login = ? AND outbox != 'synced'"
+            " AND owner_token IS NOT ?",
+            [did, did, tag, not_owner],
         )
         return int(cursor.rowcount)
 

@@ -50,6 +50,8 @@ LOGIN_RETRY_FIRST = 1.0
 LOGIN_RETRY_MAX = 60.0
 #: The login tag of sessions started before the saved login (if any) is resumed.
 RESUME_TAG = "resume"
+#: The store's note of the account whose login was saved last (see _adopt_orphans).
+SAVED_ACCOUNT_META = "login.saved_did"
 
 
 class AuthRequest(NamedTuple):
@@ -84,6 +86,8 @@ class AccountSide(Protocol):
     def _has_auth_requests(self) -> bool: ...
 
     def _account_found(self, tag: str, did: str | None) -> None: ...
+
+    _owner_token: str
 
     def _wake(self) -> None: ...
 
@@ -466,9 +470,13 @@ class UplinkWorker:
         if first and not requests:
             # Reads a file; no request is made until the first sync.
             did = self._account_change("resuming the saved login", link.resume)
+            if did is None:
+                self._adopt_orphans()
             self._found(RESUME_TAG, did)
         elif first:
             saved = self._account_change("reading the saved login", link.saved_did)
+            if saved is None:
+                self._adopt_orphans()
             self._attribute_stored(RESUME_TAG, saved)
             self._agent._account_found(RESUME_TAG, None)
         for request in requests:
@@ -544,14 +552,42 @@ class UplinkWorker:
         agent's last) syncs them; the agent moves those still in memory, and the
         recorder those it writes meanwhile.
         """
+        if did is not None:
+            self._remember_saved_account(did)
         self._attribute_stored(tag, did)
         self._agent._account_found(tag, did)
 
-    def _attribute_stored(self, tag: str, did: str | None) -> None:
+    def _remember_saved_account(self, did: str) -> None:
+        assert self._link is not None
+        try:
+            self._link.store.set_meta({SAVED_ACCOUNT_META: did})
+        except Exception as failure:  # only orphans of a killed run would miss it
+            logger.error("cannot note the saved account: %s", failure)
+
+    def _adopt_orphans(self) -> None:
+        """With no saved login now, give a killed run's sessions that awaited one to its account.
+
+        A run killed before its first round leaves its sessions awaiting the
+        resume of the saved login. When that login is gone by the next run (the
+        player logs in again, maybe as someone else), the store's note of the
+        account saved last still names theirs. This run's own sessions follow
+        this run's logins, as usual.
+        """
+        link = self._link
+        assert link is not None
+        try:
+            did = link.store.meta().get(SAVED_ACCOUNT_META)
+        except Exception as failure:  # the next run tries again
+            logger.error("cannot read the saved account: %s", failure)
+            return
+        if isinstance(did, str):
+            self._attribute_stored(RESUME_TAG, did, not_owner=self._agent._owner_token)
+
+    def _attribute_stored(self, tag: str, did: str | None, not_owner: str | None = None) -> None:
         assert self._link is not None
         store = self._link.store
         try:
-            if store.attribute(tag, did):
+            if store.attribute(tag, did, not_owner=not_owner):
                 # Sessions changed state (pending for did, or local): status shows it now.
                 self._status.update(outbox=store.outbox_counts())
         except Exception as failure:  # the recorder's next round tries again

@@ -204,6 +204,28 @@ def test_sessions_awaiting_a_resume_that_never_came_go_to_the_saved_account(
     assert stored(tmp_path, rkey).outbox == "synced"
 
 
+def test_sessions_awaiting_a_resume_stay_the_saved_accounts_when_the_saved_login_is_gone(
+    tmp_path: Path, pds: PdsServer, account: Account
+) -> None:
+    """A run was killed before it resumed; then the saved login went, and another logs in."""
+    logged_in_agent(tmp_path, pds, account).close()  # the saved login, noted in the store
+    rkey, record = session_record(account.did, 0)
+    with store_at(tmp_path) as store:
+        store.finalize(rkey, None, record, OWNER, "2026-11-24", awaiting_login=RESUME_TAG)
+    (tmp_path / "session.json").unlink()
+    other = pds.create_account("other")
+    agent = logged_in_agent(tmp_path, pds, other)
+    own = str(agent.start_session())
+    agent.end_session()
+    assert agent.flush()
+    agent.close()
+    # Recorded while the first account's login was saved: its own, not the new one's.
+    assert stored(tmp_path, rkey).did == account.did
+    assert stored(tmp_path, rkey).outbox == "pending"
+    assert stored(tmp_path, own).did == other.did
+    assert stored(tmp_path, own).outbox == "synced"
+
+
 class Counting(httpx.HTTPTransport):
     """httpx's real transport, counting the agent's requests by XRPC method."""
 
