@@ -14,8 +14,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from datetime import datetime, timezone
 
 __all__ = [
     "Clock",
@@ -26,8 +28,6 @@ __all__ = [
     "parse_datetime",
     "tid_to_datetime_us",
 ]
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 class Clock(Protocol):
@@ -96,11 +96,22 @@ class SystemClock:
 
 # --- Lexicon datetimes -------------------------------------------------------
 
+# datetime is imported by the functions that use it: it costs ~1 ms to import,
+# which the recorder's thread pays at the first record, not the package's import.
+
+
+def _epoch() -> datetime:
+    """1970-01-01T00:00:00Z, the instant epoch milliseconds count from."""
+    from datetime import datetime, timezone
+
+    return datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
 # RFC 3339 ∩ ISO 8601 as atproto uses it: whole seconds required, optional
 # fraction, uppercase T and Z, numeric offset with a colon. [0-9] rather than
 # \d because \d also matches non-ASCII digits; fullmatch so a trailing newline
-# cannot slip past a `$`.
-_DATETIME_RE = re.compile(
+# cannot slip past a `$`. A pattern, compiled (and cached) by re at its first use.
+_DATETIME = (
     r"(?P<year>[0-9]{4})-(?P<month>[0-9]{2})-(?P<day>[0-9]{2})"
     r"T(?P<hour>[0-9]{2}):(?P<minute>[0-9]{2}):(?P<second>[0-9]{2})"
     r"(?:\.(?P<fraction>[0-9]+))?"
@@ -113,11 +124,13 @@ def format_datetime(epoch_ms: int) -> str:
 
     Raises ValueError if the instant is outside years 1..9999.
     """
+    from datetime import timedelta
+
     seconds, millis = divmod(epoch_ms, 1000)
     try:
         # Arithmetic from the epoch instead of fromtimestamp(): exact for
         # integers and free of platform limits on negative timestamps.
-        dt = _EPOCH + timedelta(seconds=seconds)
+        dt = _epoch() + timedelta(seconds=seconds)
     except OverflowError as exc:
         raise ValueError(f"epoch_ms {epoch_ms!r} is outside years 1..9999") from exc
     # Explicit widths: strftime's %Y does not zero-pad years < 1000 on glibc.
@@ -134,7 +147,9 @@ def parse_datetime(s: str) -> int:
     :func:`format_datetime` for the preferred form); fractional seconds beyond
     milliseconds are truncated. Raises ValueError naming the bad value.
     """
-    match = _DATETIME_RE.fullmatch(s) if isinstance(s, str) else None
+    from datetime import datetime, timedelta
+
+    match = re.fullmatch(_DATETIME, s) if isinstance(s, str) else None
     if match is None or match["tz"] == "-00:00":
         raise ValueError(f"{s!r} is not a valid datetime (expected e.g. 2026-11-24T10:00:00.000Z)")
     try:
@@ -152,11 +167,13 @@ def parse_datetime(s: str) -> int:
     millis = int((match["fraction"] or "0")[:3].ljust(3, "0"))
     # Subtracting aware datetimes never builds the UTC value, so offsets that
     # cross year 1 or 9999 still give a correct integer.
-    return (dt - _EPOCH) // timedelta(seconds=1) * 1000 + millis
+    return (dt - _epoch()) // timedelta(seconds=1) * 1000 + millis
 
 
 def _parse_offset(tz: str) -> timezone:
     """Turn ``Z`` or ``±HH:MM`` into a timezone (ValueError if out of range)."""
+    from datetime import timedelta, timezone
+
     if tz == "Z":
         return timezone.utc
     hours, minutes = int(tz[1:3]), int(tz[4:6])
@@ -171,8 +188,8 @@ def _parse_offset(tz: str) -> timezone:
 _TID_ALPHABET = "234567abcdefghijklmnopqrstuvwxyz"
 _TID_INDEX = {c: i for i, c in enumerate(_TID_ALPHABET)}
 # First character carries bits 64..60 of a 65-bit field; bit 64 does not exist
-# and bit 63 must be 0, so only the first 16 symbols may lead.
-_TID_RE = re.compile(r"[2-7a-j][2-7a-z]{12}")
+# and bit 63 must be 0, so only the first 16 symbols may lead. Compiled at first use, by re.
+_TID = r"[2-7a-j][2-7a-z]{12}"
 _TID_LEN = 13
 _CLOCK_ID_BITS = 10
 _MAX_CLOCK_ID = (1 << _CLOCK_ID_BITS) - 1
@@ -181,7 +198,7 @@ _MAX_TIMESTAMP_US = (1 << 53) - 1
 
 def is_valid_tid(s: str) -> bool:
     """True if ``s`` is a syntactically valid TID (13 chars, top bit 0)."""
-    return isinstance(s, str) and _TID_RE.fullmatch(s) is not None
+    return isinstance(s, str) and re.fullmatch(_TID, s) is not None
 
 
 def tid_to_datetime_us(tid: str) -> int:

@@ -10,8 +10,6 @@ goes on. Runs on the recorder's thread, never the game's.
 
 from __future__ import annotations
 
-import copy
-import json
 import logging
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -56,6 +54,11 @@ def apply_guard(
     The log says which session and what went wrong (an exception's type and
     where it was raised, an invalid record's field), never a value of the record.
     """
+    # Here, on the recorder's thread: the uplink imports this module (for raised_in)
+    # when the game's thread starts the agent, and json alone costs ~1 ms.
+    import copy
+    import json
+
     try:
         result = guard(copy.deepcopy(record))
     except BaseException as failure:  # the guard's bug, even a SystemExit, is not the agent's

@@ -12,9 +12,7 @@ imported on the first validation, never by ``import anisota_agent``.
 
 from __future__ import annotations
 
-import copy
 import functools
-import json
 import re
 import reprlib
 import threading
@@ -64,14 +62,17 @@ def load_session_lexicon() -> dict[str, Any]:
     The file is read once; each call returns a fresh copy so a caller cannot
     change what the validator sees.
     """
+    import copy  # here, like json below: the package's import need not pay for either
+
     return copy.deepcopy(_session_lexicon())
 
 
 @functools.cache
 def _session_lexicon() -> dict[str, Any]:
     """Read and parse the packaged lexicon once (shared, never mutate)."""
-    # Imported here: importlib.resources pulls in pathlib/zipfile/tempfile,
-    # which importing the package should not pay for.
+    # Imported here: importlib.resources pulls in pathlib/zipfile/tempfile, and
+    # json costs ~1 ms, which importing the package should not pay for.
+    import json
     from importlib.resources import files
 
     resource = files("anisota_agent")
@@ -353,11 +354,12 @@ def _bad_property(schema: Mapping[str, Any], val: Mapping[str, Any]) -> tuple[st
     return None
 
 
-# lexrpc formats errors as "<type> <name> with value `<repr>`: <reason>".
-_LEXRPC_REASON_RE = re.compile(r".* with value `.*`: (?P<reason>.*)", re.DOTALL)
+# lexrpc formats errors as "<type> <name> with value `<repr>`: <reason>". A
+# pattern, not compiled at import: re compiles it (and caches it) at the first error.
+_LEXRPC_REASON = r".* with value `.*`: (?P<reason>.*)"
 
 
 def _lexrpc_reason(exc: Exception) -> str:
     """The reason part of a lexrpc message, or all of it if the shape changed."""
-    match = _LEXRPC_REASON_RE.fullmatch(str(exc))
+    match = re.fullmatch(_LEXRPC_REASON, str(exc), re.DOTALL)
     return match["reason"] if match else str(exc)

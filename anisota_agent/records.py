@@ -8,7 +8,6 @@ host's calls) and turns a copy of it into a lexicon record with
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -386,6 +385,8 @@ def to_json(value: Any) -> str:
     wire as it is. Raises ``ValueError`` for NaN or infinity, which no record
     may hold.
     """
+    import json  # here, not at the top: ~1 ms that the package's import need not pay
+
     return json.dumps(value, separators=(",", ":"), allow_nan=False)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 from .clock import Clock, TidGenerator
 from .records import (
@@ -45,20 +45,33 @@ SUSPEND_THRESHOLD_NS = 60 * 1_000_000_000
 RESUMABLE_REASONS = ("inactivity", "timeout")
 
 
-class Collected(NamedTuple):
-    """What changed since the last :meth:`SessionBook.collect`."""
+class Collected:
+    """What changed since the last :meth:`SessionBook.collect`.
 
-    #: A copy of the live session, if it changed (None: nothing new, or none live).
-    live: SessionState | None
-    #: Sessions ended since, oldest first.
-    finished: list[SessionState]
-    #: (login tag, did): sessions recorded under that login belong to ``did``
-    #: (None: the login failed, they belong to no account).
-    attributions: list[tuple[str, str | None]]
-    #: Calls refused or cut short since, by kind.
-    dropped: dict[str, int]
-    #: The monotonic instant of the collection (the records' ``updatedAt``).
-    now_mono_ns: int
+    A plain class with slots: a NamedTuple would cost the package's import ~0.3 ms.
+    """
+
+    __slots__ = ("attributions", "dropped", "finished", "live", "now_mono_ns")
+
+    def __init__(
+        self,
+        live: SessionState | None,
+        finished: list[SessionState],
+        attributions: list[tuple[str, str | None]],
+        dropped: dict[str, int],
+        now_mono_ns: int,
+    ) -> None:
+        #: A copy of the live session, if it changed (None: nothing new, or none live).
+        self.live = live
+        #: Sessions ended since, oldest first.
+        self.finished = finished
+        #: (login tag, did): sessions recorded under that login belong to ``did``
+        #: (None: the login failed, they belong to no account).
+        self.attributions = attributions
+        #: Calls refused or cut short since, by kind.
+        self.dropped = dropped
+        #: The monotonic instant of the collection (the records' ``updatedAt``).
+        self.now_mono_ns = now_mono_ns
 
 
 class SessionBook:

@@ -3,7 +3,7 @@
 Pure predicates, written from the specs at https://atproto.com/specs/ (``did``,
 ``handle``, ``nsid``, ``record-key``, ``at-uri-scheme``). They check syntax only:
 a DID that parses may not resolve, a handle may belong to nobody. Each is a
-compiled regular expression plus the length caps the grammar cannot express.
+regular expression plus the length caps the grammar cannot express.
 """
 
 from __future__ import annotations
@@ -42,36 +42,38 @@ _TLD = r"(?![0-9-])[a-zA-Z0-9-]{1,63}(?<!-)"
 # not end in ``:``. Query, fragment and path are DID-URL parts, not a DID's.
 # One class for the plain characters, then a look back for the ``:`` the
 # identifier may not end in: no alternation of two classes at every character.
-_DID = re.compile(r"did:[a-z]+:(?:[a-zA-Z0-9._:-]|%[0-9a-fA-F]{2})+(?<!:)")
+_DID = r"did:[a-z]+:(?:[a-zA-Z0-9._:-]|%[0-9a-fA-F]{2})+(?<!:)"
 # Two labels at least, the last a TLD. Case does not matter (handles are normalised
 # to lowercase, and a check of syntax accepts both).
-_HANDLE = re.compile(rf"(?:{_LABEL}\.)+{_TLD}")
+_HANDLE = rf"(?:{_LABEL}\.)+{_TLD}"
 # A reversed domain (its first segment the TLD), then a name of letters and digits
 # that starts with a letter: three segments at least.
-_NSID = re.compile(rf"{_TLD}(?:\.{_LABEL})+\.[a-zA-Z][a-zA-Z0-9]{{0,62}}")
-_RECORD_KEY = re.compile(r"[a-zA-Z0-9._:~-]{1,512}")
-# A record's at-uri in one match: the game's thread checks every link_log and
-# link_progress with it, and one match costs a third of four. Up to this length
-# no part can pass its own cap (a handle in it is under 253 characters).
-_RECORD_URI = re.compile(
-    rf"at://(?:{_DID.pattern}|{_HANDLE.pattern})/{_NSID.pattern}/(?!\.\.?\Z){_RECORD_KEY.pattern}"
-)
+_NSID = rf"{_TLD}(?:\.{_LABEL})+\.[a-zA-Z][a-zA-Z0-9]{{0,62}}"
+_RECORD_KEY = r"[a-zA-Z0-9._:~-]{1,512}"
+# Those four stay strings that re compiles (and caches) at their first use: a DID
+# is checked at a login, the others in a long at-uri only, so the package's
+# import need not pay for them.
+
+# A record's at-uri in one match, compiled at import: the game's thread checks
+# every link_log and link_progress with it, and one match costs a third of four. Up
+# to this length no part can pass its own cap (a handle in it is under 253 characters).
+_RECORD_URI = re.compile(rf"at://(?:{_DID}|{_HANDLE})/{_NSID}/(?!\.\.?\Z){_RECORD_KEY}")
 _RECORD_URI_ONE_MATCH_LEN = 256
 
 
 def is_did(text: str) -> bool:
     """True if ``text`` is a DID in atproto's syntax (``did:plc:…``, ``did:web:…``)."""
-    return len(text) <= MAX_DID_LEN and _DID.fullmatch(text) is not None
+    return len(text) <= MAX_DID_LEN and re.fullmatch(_DID, text) is not None
 
 
 def is_handle(text: str) -> bool:
     """True if ``text`` is a handle: a domain name of two labels or more."""
-    return len(text) <= MAX_HANDLE_LEN and _HANDLE.fullmatch(text) is not None
+    return len(text) <= MAX_HANDLE_LEN and re.fullmatch(_HANDLE, text) is not None
 
 
 def is_nsid(text: str) -> bool:
     """True if ``text`` is a namespaced identifier (``net.anisota.beta.game.session``)."""
-    if len(text) > MAX_NSID_LEN or _NSID.fullmatch(text) is None:
+    if len(text) > MAX_NSID_LEN or re.fullmatch(_NSID, text) is None:
         return False
     authority, _, _name = text.rpartition(".")
     return len(authority) <= MAX_HANDLE_LEN
@@ -79,7 +81,7 @@ def is_nsid(text: str) -> bool:
 
 def is_record_key(text: str) -> bool:
     """True if ``text`` is a record key: ``A-Za-z0-9._:~-``, 1-512 long, not ``.`` or ``..``."""
-    return _RECORD_KEY.fullmatch(text) is not None and text not in (".", "..")
+    return re.fullmatch(_RECORD_KEY, text) is not None and text not in (".", "..")
 
 
 def is_record_uri(text: str) -> bool:
