@@ -597,7 +597,7 @@ def _flush(args: argparse.Namespace) -> int:
         if did is None or uplink.engine is None:
             raise CliError("not logged in: run `anisota-agent login` first")
         status = uplink.engine.sync(time.time() + args.timeout, _progress_bar(sys.stderr))
-        left = len(store.due_for_sync(did, float("inf"), limit=1_000_000))
+        left = store.count_due(did, float("inf"))
     finally:
         uplink.close()
         store.close()

@@ -123,6 +123,8 @@ MIGRATIONS = (
     "m005_consent",
     "m006_background",
 )
+#: The sessions of an account (``?``) due for sync at an instant (``?``).
+_DUE = "outbox = 'pending' AND did = ? AND (next_attempt_at IS NULL OR next_attempt_at <= ?)"
 #: Sets a meta key to a JSON text, whether it is there or not.
 _UPSERT_META = (
     "INSERT INTO meta(key, value) VALUES(?, ?)"
@@ -1070,13 +1072,18 @@ class Store:
 
     def due_for_sync(self, did: str, now: float, limit: int) -> list[StoredSession]:
         """Pending sessions of ``did`` whose next attempt is due, oldest first."""
-        rows = self._fetch(
-            "outbox = 'pending' AND did = ? AND (next_attempt_at IS NULL OR next_attempt_at <= ?)",
-            [did, now],
-            "rkey",
-            limit,
-        )
+        rows = self._fetch(_DUE, [did, now], "rkey", limit)
         return [StoredSession.from_row(row) for row in rows]
+
+    @_locked
+    def count_due(self, did: str, now: float) -> int:
+        """How many sessions :meth:`due_for_sync` would return without a limit.
+
+        A count on the ``(outbox, did, rkey)`` index: no record is read or decoded.
+        """
+        sql = f"SELECT count(*) FROM sessions WHERE {_DUE}"
+        (count,) = self.db.execute(sql, [did, now]).fetchone()
+        return int(count)
 
     @_locked
     def mark_in_flight(self, rkeys: list[str]) -> None:

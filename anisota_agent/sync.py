@@ -30,7 +30,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -68,6 +68,10 @@ __all__ = [
 ]
 
 MAX_BATCH = MAX_APPLY_WRITES
+#: Sessions a round loads: one full batch. Their parsed records live through the
+#: round's requests, long enough to reach the oldest GC generation; a round of
+#: 1,000 kept ~6,000 such dicts and lists and decoded them in one 17 ms stretch.
+ROUND_ROWS = MAX_BATCH
 # The PDS refuses request bodies over 1,000,000 bytes (413): keep a margin.
 MAX_BATCH_BYTES = 900_000
 BATCH_ENVELOPE_BYTES = 1_000  # {"repo": <did>, "writes": [...]}
@@ -263,10 +267,12 @@ class SyncEngine:
             self.status.next_sync_at = None
         try:
             while self.due() and (deadline is None or self._now() < deadline):
-                rows = self.store.due_for_sync(self.did, self._now(), limit=MAX_BATCH * 5)
+                now = self._now()
+                rows = self.store.due_for_sync(self.did, now, limit=ROUND_ROWS)
                 if not rows:
                     break
-                total = max(total, done + len(rows))
+                # The total is the whole queue, not this round's rows: one bar for the pass.
+                total = max(total, done + self.store.count_due(self.did, now))
                 done += self._round(rows, deadline, _reporter(progress, done, total))
         except SyncStopped:
             pass
@@ -300,11 +306,18 @@ class SyncEngine:
         deadline: float | None,
         progress: Callable[[int], None],
     ) -> int:
-        """Write ``rows``; returns how many were settled (synced or quarantined)."""
+        """Write the first batch of ``rows``'s creates and every put; returns how
+        many were settled (synced or quarantined).
+
+        The creates past that batch are left to the next round, which loads them
+        again with the rows after them: so every batch but a pass's last is full
+        (the 200 cap, the body limit or the budget), as if the whole queue had
+        been loaded at once, while a round keeps only one batch of records alive.
+        """
         before = self.status.synced + self.status.quarantined
         plan = self._plan(self._valid(rows))
-        for batch in self._batches(plan.creates):
-            self._create(batch)
+        if plan.creates:
+            self._create(self._next_batch(plan.creates))
             progress(self.status.synced + self.status.quarantined - before)
             self._check_deadline(deadline)
         for row in plan.puts:
@@ -395,29 +408,25 @@ class SyncEngine:
                 return held
         raise self._stop_round("listRecords did not reach the oldest uncertain session")
 
-    def _batches(self, rows: list[StoredSession]) -> Iterator[list[StoredSession]]:
-        """Consecutive batches, each as large as the budget, the 200 cap and the
-        PDS's request body limit allow.
+    def _next_batch(self, rows: list[StoredSession]) -> list[StoredSession]:
+        """The first rows, as many as the budget, the 200 cap and the PDS's request
+        body limit allow.
 
-        A generator on purpose: each batch is sized only when it is about to
-        leave, after the previous answer told the budget. (Sizing them all up
-        front sized every batch of a round as the first one, FIRST_BATCH
-        sessions while the budget was unknown: 100 requests for 1,000 sessions.)
-        The byte cap keeps 200 large records (up to ~14 KB each) from making a
-        2.8 MB body that the PDS refuses with 413, which sent every session of
-        the batch as a single put.
+        Sized only when it is about to leave, after the previous answer told the
+        budget. (Sizing every batch of a round up front sized them all as the first
+        one, FIRST_BATCH sessions while the budget was unknown: 100 requests for
+        1,000 sessions.) The byte cap keeps 200 large records (up to ~14 KB each)
+        from making a 2.8 MB body that the PDS refuses with 413, which sent every
+        session of the batch as a single put.
         """
-        start = 0
-        while start < len(rows):
-            size = self._affordable(CREATE_POINTS)
-            end, body = start, BATCH_ENVELOPE_BYTES
-            while end < len(rows) and end - start < size:
-                body += _write_bytes(rows[end])
-                if body > MAX_BATCH_BYTES and end > start:
-                    break
-                end += 1
-            yield rows[start:end]
-            start = end
+        size = self._affordable(CREATE_POINTS)
+        end, body = 0, BATCH_ENVELOPE_BYTES
+        while end < len(rows) and end < size:
+            body += _write_bytes(rows[end])
+            if body > MAX_BATCH_BYTES and end > 0:
+                break
+            end += 1
+        return rows[:end]
 
     def _affordable(self, points_each: int) -> int:
         """How many writes fit in the budget above the reserve (at least 1)."""

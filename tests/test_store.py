@@ -345,6 +345,7 @@ def test_no_statement_of_a_round_scans_the_sessions(tmp_path: Path) -> None:
         store.outbox_counts()
         store.record_bytes_total()
         due = store.due_for_sync(DID, 1e10, limit=3)
+        store.count_due(DID, 1e10)
         store.mark_in_flight([row.rkey for row in due])
         store.retry_later([due[0].rkey], "boom", 5.0, in_flight=True)
         store.mark_synced(due[1].rkey, "at://y", "cid", at=2.0)
@@ -355,6 +356,18 @@ def test_no_statement_of_a_round_scans_the_sessions(tmp_path: Path) -> None:
             plan = [row[3] for row in store.db.execute(f"EXPLAIN QUERY PLAN {sql}")]
             assert not [step for step in plan if step.startswith("SCAN sessions")], (sql, plan)
             assert not [step for step in plan if "TEMP B-TREE" in step], (sql, plan)
+
+
+def test_count_due_counts_what_due_for_sync_would_return(tmp_path: Path) -> None:
+    with store_at(tmp_path) as store:
+        rkeys = seed(store, DID, 12)
+        seed(store, "did:plc:someoneelse", 4)
+        store.mark_synced(rkeys[0], "at://x", "cid", at=1.0)
+        store.quarantine(rkeys[1], "refused")
+        store.retry_later(rkeys[2:5], "boom", 50.0, in_flight=True)
+        assert store.count_due(DID, 10.0) == 7 == len(store.due_for_sync(DID, 10.0, limit=100))
+        assert store.count_due(DID, 50.0) == 10 == len(store.due_for_sync(DID, 50.0, limit=100))
+        assert store.count_due("did:plc:nobody", 50.0) == 0
 
 
 _TRANSACTION_WORDS = {"BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE"}

@@ -767,6 +767,36 @@ def test_large_records_are_batched_under_the_body_limit(
     assert_exactly_once(pds, account, store, rkeys)
 
 
+def test_a_pass_loads_one_batch_a_round_yet_sends_full_batches_and_reports_the_whole_queue(
+    pds: PdsServer,
+    account: Account,
+    store: Store,
+    connect: Connect,
+    recorder: Recorder,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rkeys = seed(store, account.did, 450)
+    loaded: list[int] = []
+    load = store.due_for_sync
+
+    def counted(did: str, now: float, limit: int) -> list[StoredSession]:
+        due = load(did, now, limit)
+        loaded.append(len(due))
+        return due
+
+    monkeypatch.setattr(store, "due_for_sync", counted)
+    reports: list[tuple[int, int]] = []
+    engine, _ = connect(pds.url, account)
+    status = engine.sync(progress=lambda done, total: reports.append((done, total)))
+    assert status.synced == 450 and status.sync_error is None
+    assert loaded and max(loaded) <= MAX_BATCH  # never the whole queue's records at once
+    # The batches of one load of all 450: 10 (budget unknown), 200, 200, 40; the
+    # total is the whole queue from the first report on.
+    assert reports == [(10, 450), (210, 450), (410, 450), (450, 450)]
+    assert recorder.count(APPLY) == 4
+    assert_exactly_once(pds, account, store, rkeys)
+
+
 # -- mirrored sessions ------------------------------------------------------------------------
 
 
