@@ -2,21 +2,25 @@
 
 The PDS does not know this lexicon (``validate: true`` fails there), so the
 client is the only place a record is checked before it is written.
-:func:`validate_record` runs lexrpc against the shipped lexicon and adds the
-rules lexrpc leaves out: the strict atproto datetime syntax, ``$type``, and the
-data model (no floats, string keys only, no non-JSON types).
+:func:`validate_record` walks the record along the shipped lexicon: objects
+(required, nullable, open to unknown fields), strings (enum, the strict atproto
+``datetime``), integers (minimum, maximum; never a bool), booleans, arrays and
+local refs, which is every construct the lexicon uses; it refuses to run on a
+lexicon that uses any other. It adds ``$type`` and the data model (no floats,
+string keys only, no non-JSON types).
 
-lexrpc takes ~140 ms to import (it loads every bundled lexicon), so it is only
-imported on the first validation, never by ``import anisota_agent``.
+It is ours rather than a general validator's because one lexicon needs little:
+lexrpc, the general one (the tests check that the two agree), loads all 576 of
+its bundled lexicons when imported, 111 ms and 21,000 objects that set off a
+full garbage collection of ~20 ms on whichever thread imports it: the game's
+frames wait for that.
 """
 
 from __future__ import annotations
 
 import functools
-import re
 import reprlib
-import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from anisota_agent.clock import parse_datetime
@@ -34,8 +38,19 @@ _LEXICON_PATH = ("lexicons", "net", "anisota", "beta", "game", "session.json")
 
 # A field location: property names and array indexes from the record root.
 _Path = tuple[str | int, ...]
-# A schema location: property names, with None standing for "every item".
-_SchemaPath = tuple[str | None, ...]
+
+#: The keys each kind of schema may have: anything else is a construct this
+#: validator does not enforce, so it refuses the lexicon rather than pass records
+#: the lexicon would refuse.
+_SCHEMA_KEYS = {
+    "record": {"type", "key", "record", "description"},
+    "object": {"type", "properties", "required", "nullable", "description"},
+    "string": {"type", "enum", "format", "description"},
+    "integer": {"type", "minimum", "maximum", "description"},
+    "boolean": {"type", "description"},
+    "array": {"type", "items", "description"},
+    "ref": {"type", "ref", "description"},
+}
 
 _short_repr = reprlib.Repr()
 _short_repr.maxstring = 60
@@ -104,13 +119,13 @@ def validate_record(record: Mapping[str, Any]) -> None:
     """
     if not isinstance(record, Mapping):
         raise RecordValidationError("", f"must be a JSON object, got {type(record).__name__}")
-    # Nested objects must be real dicts (lexrpc compares types exactly); only
-    # the top level may be any Mapping, so copy it into one (shallow, cheap).
+    # Nested objects must be real dicts (what a record decoded from JSON holds);
+    # only the top level may be any Mapping, so copy it into one (shallow, cheap).
     plain = dict(record)
     _check_type_field(plain)
     _check_data_model(plain, ())
-    _lexrpc_validator()(plain)
-    _check_datetimes(plain)
+    lexicon = _checked_lexicon()
+    _check_value(lexicon, plain, lexicon["defs"]["main"], ())
 
 
 def _check_type_field(record: Mapping[str, Any]) -> None:
@@ -126,14 +141,14 @@ def _check_type_field(record: Mapping[str, Any]) -> None:
 def _check_data_model(value: object, path: _Path) -> None:
     """Reject what the atproto data model cannot hold, anywhere in the record.
 
-    lexrpc only type-checks fields the lexicon names, but the PDS answers 400
-    for a float in any field, including ones it does not know.
+    The lexicon only types the fields it names, but the PDS answers 400 for a
+    float in any field, including ones it does not know.
     """
     if isinstance(value, float):
         raise RecordValidationError(
             _join(path), f"floats are not allowed in records (the PDS rejects them), got {value!r}"
         )
-    if isinstance(value, dict):  # concrete dict, as lexrpc requires; also faster than Mapping
+    if isinstance(value, dict):  # a concrete dict, as in a decoded record; faster than Mapping
         for key, item in value.items():
             if not isinstance(key, str):
                 raise RecordValidationError(
@@ -147,69 +162,116 @@ def _check_data_model(value: object, path: _Path) -> None:
         raise RecordValidationError(_join(path), f"{type(value).__name__} is not a JSON data type")
 
 
-def _check_datetimes(record: Mapping[str, Any]) -> None:
-    """Apply the strict datetime rule to every ``format: datetime`` field.
-
-    lexrpc accepts e.g. ``2026-01-01T00:00Z`` (no seconds) and ``-00:00``.
-    Runs after lexrpc, so every value found here is already a string.
-    """
-    for schema_path in _datetime_paths():
-        for path, value in _values_at(record, schema_path, ()):
-            if not is_valid_datetime(value):
-                raise _datetime_error(path, value)
-
-
-def _datetime_error(path: _Path, value: str) -> RecordValidationError:
-    """The error for a string that is not a strict lexicon datetime."""
-    return RecordValidationError(
-        _join(path),
-        f"{_short_repr.repr(value)} is not a valid datetime "
-        "(RFC 3339 with seconds and a timezone, e.g. 2026-11-24T10:00:00.000Z)",
-    )
-
-
-def _values_at(node: object, schema_path: _SchemaPath, path: _Path) -> Iterator[tuple[_Path, Any]]:
-    """Yield (path, value) for each value present at ``schema_path``."""
-    if not schema_path:
-        yield path, node
-        return
-    head, rest = schema_path[0], schema_path[1:]
-    if head is None and isinstance(node, list):
-        for index, item in enumerate(node):
-            yield from _values_at(item, rest, (*path, index))
-    elif isinstance(head, str) and isinstance(node, Mapping) and head in node:
-        yield from _values_at(node[head], rest, (*path, head))
-
-
 @functools.cache
-def _datetime_paths() -> tuple[_SchemaPath, ...]:
-    """Every schema path in the lexicon whose string has ``format: datetime``."""
+def _checked_lexicon() -> dict[str, Any]:
+    """The shipped lexicon, once it is known to use only what is enforced here."""
     lexicon = _session_lexicon()
-    return tuple(_walk_schema(lexicon, lexicon["defs"]["main"]["record"], (), frozenset({"main"})))
+    for name, schema in lexicon["defs"].items():
+        _check_supported(lexicon, schema, name)
+    return lexicon
 
 
-def _walk_schema(
-    lexicon: Mapping[str, Any], schema: Mapping[str, Any], path: _SchemaPath, seen: frozenset[str]
-) -> Iterator[_SchemaPath]:
-    """Yield datetime paths below ``schema``, following local refs.
-
-    ``seen`` holds the defs on the current branch so a recursive ref stops
-    instead of looping. Unions are not followed (the lexicon has none).
-    """
+def _check_supported(lexicon: Mapping[str, Any], schema: Mapping[str, Any], where: str) -> None:
+    """Raise ValueError at the first construct of ``schema`` the validator does not enforce."""
     kind = schema.get("type")
-    if kind == "string" and schema.get("format") == "datetime":
-        yield path
+    allowed = _SCHEMA_KEYS.get(kind) if isinstance(kind, str) else None
+    unknown = sorted(set(schema) - allowed) if allowed is not None else ["type"]
+    if not unknown and schema.get("format", "datetime") != "datetime":
+        unknown = [f"format {schema['format']}"]
+    if kind == "ref" and _local_def_name(lexicon, schema["ref"]) not in lexicon["defs"]:
+        unknown = [f"ref {schema['ref']}"]  # another lexicon's
+    if unknown:
+        raise ValueError(
+            f"lexicon {lexicon['id']}: {where} ({kind}) uses {', '.join(unknown)}: not enforced"
+        )
+    children: Mapping[str, Any] = {}
+    if kind == "record":
+        children = {"record": schema["record"]}
     elif kind == "object":
-        for name, prop in schema.get("properties", {}).items():
-            yield from _walk_schema(lexicon, prop, (*path, name), seen)
+        children = schema.get("properties", {})
     elif kind == "array":
-        yield from _walk_schema(lexicon, schema["items"], (*path, None), seen)
-    elif kind == "ref":
-        name = _local_def_name(lexicon, schema["ref"])
-        if name is not None and name not in seen:
-            target = lexicon["defs"][name]
-            target = target.get("record", target)  # a ref to a record def means its body
-            yield from _walk_schema(lexicon, target, path, seen | {name})
+        children = {"[]": schema["items"]}
+    for name, child in children.items():
+        _check_supported(lexicon, child, f"{where}.{name}")
+
+
+def _check_value(
+    lexicon: Mapping[str, Any], value: Any, schema: Mapping[str, Any], path: _Path
+) -> None:
+    """Raise RecordValidationError at the first part of ``value`` that ``schema`` refuses.
+
+    Properties are checked in the lexicon's order, so the first problem reported
+    is the same whatever order the record's keys are in.
+    """
+    kind = schema["type"]
+    if kind == "ref":
+        target = lexicon["defs"][_local_def_name(lexicon, schema["ref"])]
+        _check_value(lexicon, value, target, path)
+    elif kind == "record":
+        _check_value(lexicon, value, schema["record"], path)
+    elif kind == "object":
+        _expect(type(value) is dict, "object", value, path)
+        _check_object(lexicon, value, schema, path)
+    elif kind == "array":
+        _expect(type(value) is list, "array", value, path)
+        for index, item in enumerate(value):
+            _check_value(lexicon, item, schema["items"], (*path, index))
+    elif kind == "string":
+        _expect(type(value) is str, "string", value, path)
+        _check_string(value, schema, path)
+    elif kind == "integer":
+        _expect(type(value) is int, "integer", value, path)  # a bool is not one
+        _check_bounds(value, schema, path)
+    else:
+        _expect(type(value) is bool, "boolean", value, path)
+
+
+def _check_object(
+    lexicon: Mapping[str, Any], value: dict[str, Any], schema: Mapping[str, Any], path: _Path
+) -> None:
+    required, nullable = schema.get("required", ()), schema.get("nullable", ())
+    for prop, prop_schema in schema.get("properties", {}).items():
+        if prop not in value:
+            if prop in required:
+                raise RecordValidationError(_join((*path, prop)), "is required but missing")
+        elif value[prop] is None:
+            if prop not in nullable:
+                raise RecordValidationError(_join((*path, prop)), "must not be null")
+        else:
+            _check_value(lexicon, value[prop], prop_schema, (*path, prop))
+
+
+def _check_string(value: str, schema: Mapping[str, Any], path: _Path) -> None:
+    allowed = schema.get("enum")
+    if allowed is not None and value not in allowed:
+        raise RecordValidationError(
+            _join(path),
+            f"{_short_repr.repr(value)} is not one of the allowed values: "
+            + ", ".join(repr(v) for v in allowed),
+        )
+    if schema.get("format") == "datetime" and not is_valid_datetime(value):
+        raise RecordValidationError(
+            _join(path),
+            f"{_short_repr.repr(value)} is not a valid datetime "
+            "(RFC 3339 with seconds and a timezone, e.g. 2026-11-24T10:00:00.000Z)",
+        )
+
+
+def _check_bounds(value: int, schema: Mapping[str, Any], path: _Path) -> None:
+    minimum, maximum = schema.get("minimum"), schema.get("maximum")
+    if minimum is not None and value < minimum:
+        raise RecordValidationError(_join(path), f"must be at least {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise RecordValidationError(_join(path), f"must be at most {maximum}, got {value}")
+
+
+def _expect(ok: bool, kind: str, value: object, path: _Path) -> None:
+    if not ok:
+        raise RecordValidationError(
+            _join(path),
+            f"must be {'an' if kind[0] in 'aei' else 'a'} {kind},"
+            f" got {type(value).__name__} {_short_repr.repr(value)}",
+        )
 
 
 def _local_def_name(lexicon: Mapping[str, Any], ref: str) -> str | None:
@@ -229,137 +291,3 @@ def _join(path: _Path) -> str:
         else:
             out += f".{segment}" if out else segment
     return out
-
-
-# --- lexrpc, with field paths ------------------------------------------------
-
-
-class _Frame:
-    """One value lexrpc is validating: where it is and what it should be."""
-
-    __slots__ = ("items_seen", "kind", "path")
-
-    def __init__(self, path: _Path, kind: str) -> None:
-        self.path = path
-        self.kind = kind
-        self.items_seen = 0  # array frames: index of the next item
-
-
-@functools.cache
-def _lexrpc_validator() -> Callable[[dict[str, Any]], None]:
-    """Build (once) a lexrpc validator that reports field paths.
-
-    lexrpc's errors only name the innermost property, without its parents or
-    array index. lexrpc recurses through ``Base._validate_schema`` once per
-    value, so a subclass keeps a per-thread stack of frames and turns the
-    first error into a RecordValidationError at the failing frame's path.
-    """
-    from lexrpc.base import Base, ValidationError
-
-    class _PathTrackingBase(Base):  # type: ignore[misc]  # lexrpc is untyped
-        def __init__(self, lexicons: list[dict[str, Any]]) -> None:
-            super().__init__(lexicons)
-            self._local = threading.local()
-
-        def _validate_schema(
-            self,
-            *,
-            name: str,
-            val: Any,
-            type_name: str,
-            lexicon: str,
-            schema: dict[str, Any],
-            ignore: Any = (),
-        ) -> None:
-            frames: list[_Frame] = self._local.__dict__.setdefault("frames", [])
-            frame = _Frame(_child_path(frames, name), schema.get("type") or type_name)
-            frames.append(frame)
-            try:
-                super()._validate_schema(
-                    name=name,
-                    val=val,
-                    type_name=type_name,
-                    lexicon=lexicon,
-                    schema=schema,
-                    ignore=ignore,
-                )
-            except ValidationError as exc:
-                raise _located_error(frame, schema, val, exc) from exc
-            finally:
-                frames.pop()
-
-    base = _PathTrackingBase([_session_lexicon()])
-
-    def validate(record: dict[str, Any]) -> None:
-        try:
-            base.validate(SESSION_NSID, "record", record)
-        except ValidationError as exc:  # raised outside any frame
-            raise RecordValidationError("", str(exc)) from exc
-
-    return validate
-
-
-def _child_path(frames: list[_Frame], name: str) -> _Path:
-    """Path of the value lexrpc is about to validate, from its parent frame.
-
-    lexrpc names array items after the array, so an item's index is counted
-    from the parent array frame instead.
-    """
-    if not frames:
-        return ()  # the record itself
-    parent = frames[-1]
-    if parent.kind == "array":
-        parent.items_seen += 1
-        return (*parent.path, parent.items_seen - 1)
-    return (*parent.path, name)
-
-
-def _located_error(
-    frame: _Frame, schema: Mapping[str, Any], val: Any, exc: Exception
-) -> RecordValidationError:
-    """Translate a lexrpc error raised while validating ``val`` at ``frame``."""
-    path = frame.path
-    if isinstance(val, dict) and (culprit := _bad_property(schema, val)) is not None:
-        # Missing/null properties are reported by the parent object's frame.
-        prop, reason = culprit
-        return RecordValidationError(_join((*path, prop)), reason)
-    allowed = schema.get("enum")
-    if allowed and val not in allowed:
-        return RecordValidationError(
-            _join(path),
-            f"{_short_repr.repr(val)} is not one of the allowed values: "
-            + ", ".join(repr(v) for v in allowed),
-        )
-    if schema.get("format") == "datetime" and isinstance(val, str):
-        return _datetime_error(path, val)  # lexrpc's message shows a mangled value
-    return RecordValidationError(
-        _join(path), f"{_lexrpc_reason(exc)} ({frame.kind} field), got {_short_repr.repr(val)}"
-    )
-
-
-def _bad_property(schema: Mapping[str, Any], val: Mapping[str, Any]) -> tuple[str, str] | None:
-    """The first property lexrpc rejects in the object itself, in its order."""
-    required = schema.get("required", [])
-    nullable = schema.get("nullable", [])
-    for prop, prop_schema in schema.get("properties", {}).items():
-        if prop not in val and prop in required:
-            return prop, "is required but missing"
-        if (
-            prop in val
-            and val[prop] is None
-            and prop not in nullable
-            and prop_schema.get("type") != "null"
-        ):
-            return prop, "must not be null"
-    return None
-
-
-# lexrpc formats errors as "<type> <name> with value `<repr>`: <reason>". A
-# pattern, not compiled at import: re compiles it (and caches it) at the first error.
-_LEXRPC_REASON = r".* with value `.*`: (?P<reason>.*)"
-
-
-def _lexrpc_reason(exc: Exception) -> str:
-    """The reason part of a lexrpc message, or all of it if the shape changed."""
-    match = re.fullmatch(_LEXRPC_REASON, str(exc), re.DOTALL)
-    return match["reason"] if match else str(exc)

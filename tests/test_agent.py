@@ -331,7 +331,7 @@ _IMPORT_SCRIPT = textwrap.dedent(
     agent = anisota_agent.Agent("1.0").start()  # the default data dir, resolved by the worker
     agent.start_session()
     agent.close()
-    heavy = {"sqlite_utils", "httpx", "lexrpc", "psutil", "platformdirs", "sqlite3"}
+    heavy = {"sqlite_utils", "httpx", "psutil", "platformdirs", "sqlite3"}
     print(sorted(m for m in imported if m.split(".")[0] in heavy))
     """
 )
