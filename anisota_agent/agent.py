@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -50,7 +50,7 @@ from .records import (
     clean_referrer,
 )
 from .recovery import LIVE_OWNER_TOKENS
-from .sessions import SETTLE_AT, SessionBook
+from .sessions import SETTLE_AT, Apply, SessionBook
 from .settings import (
     CONSENT_STATES,
     DEFAULT_BACKGROUND_TIMEOUT,
@@ -579,7 +579,7 @@ class Agent:
 
     def touch(self) -> None:
         """The player is here: counts as activity without recording anything else."""
-        self._queue(self._book.on_touch, None, None)
+        self._queue(SessionBook.on_touch, None, None)
 
     def page(self, route: str) -> None:
         """Record a visit to a page or route (unique routes, in first-visit order)."""
@@ -588,7 +588,7 @@ class Agent:
         except (TypeError, ValueError):
             self._refused()
             raise
-        self._queue(self._book.on_page, route, None)
+        self._queue(SessionBook.on_page, route, None)
 
     def feature(self, name: str) -> None:
         """Record the use of a named feature (unique names, first-use order)."""
@@ -597,7 +597,7 @@ class Agent:
         except (TypeError, ValueError):
             self._refused()
             raise
-        self._queue(self._book.on_feature, name, None)
+        self._queue(SessionBook.on_feature, name, None)
 
     def action(self, kind: str, count: int = 1) -> None:
         """Count a game action: one of the lexicon's ``gameActions`` names.
@@ -612,7 +612,7 @@ class Agent:
         except (TypeError, ValueError):
             self._refused()
             raise
-        self._queue(self._book.on_action, kind, count)
+        self._queue(SessionBook.on_action, kind, count)
 
     def progress(self, xp: int, level: int | None = None) -> None:
         """Report the player's total XP (and level); the first report is the baseline."""
@@ -623,7 +623,7 @@ class Agent:
         except (TypeError, ValueError):
             self._refused()
             raise
-        self._queue(self._book.on_progress, xp, level)
+        self._queue(SessionBook.on_progress, xp, level)
 
     def response(self, ms: float, ok: bool = True) -> None:
         """Record one measured API response: its time in ms and whether it succeeded."""
@@ -633,7 +633,7 @@ class Agent:
         except (TypeError, ValueError):
             self._refused()
             raise
-        self._queue(self._book.on_response, ms, ok)
+        self._queue(SessionBook.on_response, ms, ok)
 
     def link_log(self, uri: str) -> None:
         """Link a ``net.anisota.beta.game.log`` record (its at-uri) to the session."""
@@ -642,7 +642,7 @@ class Agent:
         except (TypeError, ValueError):
             self._refused()
             raise
-        self._queue(self._book.on_log, uri, None)
+        self._queue(SessionBook.on_log, uri, None)
 
     def link_progress(self, uri: str) -> None:
         """Link a ``net.anisota.beta.game.progress`` record (its at-uri) to the session."""
@@ -651,9 +651,9 @@ class Agent:
         except (TypeError, ValueError):
             self._refused()
             raise
-        self._queue(self._book.on_progress_link, uri, None)
+        self._queue(SessionBook.on_progress_link, uri, None)
 
-    def _queue(self, apply: Callable[[Any, Any, int], None], first: Any, second: Any) -> None:
+    def _queue(self, apply: Apply, first: Any, second: Any) -> None:
         """Queue an activity call for the book, stamped now; settle a long queue.
 
         The book applies the queue under the lock whenever anything reads or
@@ -733,7 +733,7 @@ class Agent:
         now = self._now()
         self._network.observe_request(elapsed_ms, outcome, now / 1e9)
         calls = self._calls
-        calls.append((self._book.on_request, elapsed_ms, outcome == "ok", now))
+        calls.append((SessionBook.on_request, elapsed_ms, outcome == "ok", now))
         if len(calls) >= SETTLE_AT:
             self._settle_queue()
 

@@ -27,11 +27,14 @@ from .records import (
 )
 from .settings import Settings
 
-__all__ = ["SETTLE_AT", "SUSPEND_THRESHOLD_NS", "Call", "Collected", "SessionBook"]
+__all__ = ["SETTLE_AT", "SUSPEND_THRESHOLD_NS", "Apply", "Call", "Collected", "SessionBook"]
 
-#: An activity call waiting in :attr:`SessionBook.calls`: the book's method that
-#: applies it, its two arguments, and the monotonic instant it was made.
-Call = tuple[Callable[[Any, Any, int], None], Any, Any, int]
+#: A :class:`SessionBook` method that applies an activity call, taken from the
+#: class (a plain function: no bound method to make on the game's thread).
+Apply = Callable[["SessionBook", Any, Any, int], None]
+#: An activity call waiting in :attr:`SessionBook.calls`: the method that applies
+#: it, its two arguments, and the monotonic instant it was made.
+Call = tuple[Apply, Any, Any, int]
 #: A caller that finds this many calls waiting applies them itself (under the
 #: agent's lock): the queue stays small when nothing else settles it.
 SETTLE_AT = 256
@@ -141,7 +144,7 @@ class SessionBook:
         # this batch (they hold the queue back), then settle their own.
         for _ in range(len(calls)):
             apply, first, second, at = popleft()
-            apply(first, second, at)
+            apply(self, first, second, at)
 
     # -- beginning and ending --------------------------------------------------
 
@@ -339,7 +342,7 @@ class SessionBook:
         """``report_request()``: one of the game's requests, timed: not activity."""
         session = self.live
         if session is not None:
-            session.count_response(min(ms, MAX_RESPONSE_MS), ok)
+            session.count_response(ms if ms < MAX_RESPONSE_MS else MAX_RESPONSE_MS, ok)
             self._dirty = True
 
     def on_log(self, uri: str, _second: None, now: int) -> None:
