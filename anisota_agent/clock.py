@@ -100,8 +100,9 @@ class SystemClock:
 # which the recorder's thread pays at the first record, not the package's import.
 
 
+@functools.cache
 def _epoch() -> datetime:
-    """1970-01-01T00:00:00Z, the instant epoch milliseconds count from."""
+    """1970-01-01T00:00:00Z, the instant epoch milliseconds count from (made once)."""
     from datetime import datetime, timezone
 
     return datetime(1970, 1, 1, tzinfo=timezone.utc)
