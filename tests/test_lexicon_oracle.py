@@ -128,10 +128,11 @@ def test_both_see_records_of_each_kind() -> None:
     """The strategy draws valid and invalid records alike (else the agreement says little)."""
     seen = {True: 0, False: 0}
 
-    @settings(max_examples=200, deadline=None)
+    @settings(max_examples=200, deadline=None, derandomize=True, database=None)
     @given(records())
     def draw(record: dict[str, Any]) -> None:
         seen[lexrpc(record)] += 1
 
     draw()
-    assert seen[True] >= 50 and seen[False] >= 50, seen
+    # A wrong value sometimes fits (3 for an integer): about a quarter come out invalid.
+    assert seen[True] >= 30 and seen[False] >= 30, seen
