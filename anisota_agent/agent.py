@@ -574,8 +574,11 @@ class Agent:
 
     # -- activity (the hot path) -----------------------------------------------------
     #
-    # Each call checks its arguments (every checker accepts a good value in its
-    # first line), then queues itself for the book: no lock, no I/O, no wake-up.
+    # Each call tests its arguments inline, then queues itself for the book: no
+    # lock, no I/O, no wake-up. The inline test passes the usual good values only
+    # (calling a checker would cost as much as the rest of the call); anything else
+    # goes to the checkers, which pass what the test is too strict for (an int
+    # ``ms``, non-ASCII text) or raise naming the field, counted as refused.
 
     def touch(self) -> None:
         """The player is here: counts as activity without recording anything else."""
@@ -583,20 +586,16 @@ class Agent:
 
     def page(self, route: str) -> None:
         """Record a visit to a page or route (unique routes, in first-visit order)."""
-        try:
-            check_text("route", route, MAX_ROUTE_LEN)
-        except (TypeError, ValueError):
-            self._refused()
-            raise
+        if type(route) is not str or not 0 < len(route) <= MAX_ROUTE_LEN or not route.isascii():
+            with self._refusals():
+                check_text("route", route, MAX_ROUTE_LEN)
         self._queue(SessionBook.on_page, route, None)
 
     def feature(self, name: str) -> None:
         """Record the use of a named feature (unique names, first-use order)."""
-        try:
-            check_text("feature", name, MAX_FEATURE_LEN)
-        except (TypeError, ValueError):
-            self._refused()
-            raise
+        if type(name) is not str or not 0 < len(name) <= MAX_FEATURE_LEN or not name.isascii():
+            with self._refusals():
+                check_text("feature", name, MAX_FEATURE_LEN)
         self._queue(SessionBook.on_feature, name, None)
 
     def action(self, kind: str, count: int = 1) -> None:
@@ -606,38 +605,41 @@ class Agent:
         ``itemsCollected``, ``specimensCollected`` or ``dailyRewardsClaimed``;
         ``count``: 1 to 1,000,000.
         """
-        try:
-            check_choice("kind", kind, GAME_ACTIONS)
-            check_int("count", count, 1, MAX_COUNT_PER_CALL)
-        except (TypeError, ValueError):
-            self._refused()
-            raise
+        if (
+            type(kind) is not str
+            or kind not in GAME_ACTIONS
+            or type(count) is not int
+            or not 1 <= count <= MAX_COUNT_PER_CALL
+        ):
+            with self._refusals():
+                check_choice("kind", kind, GAME_ACTIONS)
+                check_int("count", count, 1, MAX_COUNT_PER_CALL)
         self._queue(SessionBook.on_action, kind, count)
 
     def progress(self, xp: int, level: int | None = None) -> None:
         """Report the player's total XP (and level); the first report is the baseline."""
-        try:
-            check_int("xp", xp, 0, MAX_XP)
-            if level is not None:
-                check_int("level", level, 1, MAX_LEVEL)
-        except (TypeError, ValueError):
-            self._refused()
-            raise
+        if (
+            type(xp) is not int
+            or not 0 <= xp <= MAX_XP
+            or (level is not None and (type(level) is not int or not 1 <= level <= MAX_LEVEL))
+        ):
+            with self._refusals():
+                check_int("xp", xp, 0, MAX_XP)
+                if level is not None:
+                    check_int("level", level, 1, MAX_LEVEL)
         self._queue(SessionBook.on_progress, xp, level)
 
     def response(self, ms: float, ok: bool = True) -> None:
         """Record one measured API response: its time in ms and whether it succeeded."""
-        try:
-            check_number("ms", ms, 0, MAX_RESPONSE_MS)
-            check_bool("ok", ok)
-        except (TypeError, ValueError):
-            self._refused()
-            raise
+        if type(ms) is not float or not 0 <= ms <= MAX_RESPONSE_MS or type(ok) is not bool:
+            with self._refusals():
+                check_number("ms", ms, 0, MAX_RESPONSE_MS)
+                check_bool("ok", ok)
         self._queue(SessionBook.on_response, ms, ok)
 
     def link_log(self, uri: str) -> None:
         """Link a ``net.anisota.beta.game.log`` record (its at-uri) to the session."""
-        try:
+        try:  # no inline test: the uri's syntax is a pattern
             check_at_uri("uri", uri)
         except (TypeError, ValueError):
             self._refused()
@@ -646,7 +648,7 @@ class Agent:
 
     def link_progress(self, uri: str) -> None:
         """Link a ``net.anisota.beta.game.progress`` record (its at-uri) to the session."""
-        try:
+        try:  # no inline test: the uri's syntax is a pattern
             check_at_uri("uri", uri)
         except (TypeError, ValueError):
             self._refused()
@@ -723,17 +725,22 @@ class Agent:
         condition, but is not player activity: a game polling its API in the
         background still goes inactive. The timing helpers below call it for you.
         """
-        try:
-            check_number("elapsed_ms", elapsed_ms, 0, MAX_REQUEST_MS)
-            check_choice("outcome", outcome, OUTCOMES)
-        except (TypeError, ValueError):
-            self._refused()
-            raise
-        # One reading of the clock for both (as _queue would, then the monitor).
-        now = self._now()
-        self._network.observe_request(elapsed_ms, outcome, now / 1e9)
+        ms = elapsed_ms
+        if (
+            type(ms) is not float
+            or not 0 <= ms <= MAX_RESPONSE_MS
+            or type(outcome) is not str
+            or outcome not in OUTCOMES
+        ):
+            with self._refusals():
+                check_number("elapsed_ms", elapsed_ms, 0, MAX_REQUEST_MS)
+                check_choice("outcome", outcome, OUTCOMES)
+            ms = min(elapsed_ms, MAX_RESPONSE_MS)  # the record keeps at most an hour
+        # The monitor's clock read here, as a bare function: its own is a method.
+        self._network.observe_request(elapsed_ms, outcome, self._now() / 1e9)
         calls = self._calls
-        calls.append((SessionBook.on_request, elapsed_ms, outcome == "ok", now))
+        # Queued with no instant: not activity.
+        calls.append((SessionBook.on_response, ms, outcome == "ok", None))
         if len(calls) >= SETTLE_AT:
             self._settle_queue()
 

@@ -230,13 +230,6 @@ class SessionState:
             total += max(0, until - since)
         return total // 1_000_000
 
-    def count_response(self, ms: float, ok: bool) -> None:
-        """One measured response: its time, and whether it was an error."""
-        self.response_count += 1
-        self.response_total_ms += ms
-        if not ok:
-            self.error_count += 1
-
     def attribute(self, tag: str, did: str | None) -> None:
         """Give the session to ``did`` if it was recorded under the login tagged ``tag``.
 

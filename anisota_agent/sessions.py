@@ -21,7 +21,6 @@ from .records import (
     MAX_FEATURES,
     MAX_LINKED_URIS,
     MAX_PAGES,
-    MAX_RESPONSE_MS,
     SessionContext,
     SessionState,
 )
@@ -29,12 +28,14 @@ from .settings import Settings
 
 __all__ = ["SETTLE_AT", "SUSPEND_THRESHOLD_NS", "Apply", "Call", "Collected", "SessionBook"]
 
-#: A :class:`SessionBook` method that applies an activity call, taken from the
-#: class (a plain function: no bound method to make on the game's thread).
-Apply = Callable[["SessionBook", Any, Any, int], None]
+#: A :class:`SessionBook` method that applies an activity call's two arguments to
+#: the session it counts in, taken from the class (a plain function: no bound
+#: method to make on the game's thread).
+Apply = Callable[["SessionBook", SessionState, Any, Any], None]
 #: An activity call waiting in :attr:`SessionBook.calls`: the method that applies
-#: it, its two arguments, and the monotonic instant it was made.
-Call = tuple[Apply, Any, Any, int]
+#: it, its two arguments, and the monotonic instant it was made (None for a call
+#: that is not the player's activity: a timed request).
+Call = tuple[Apply, Any, Any, "int | None"]
 #: A caller that finds this many calls waiting applies them itself (under the
 #: agent's lock): the queue stays small when nothing else settles it.
 SETTLE_AT = 256
@@ -136,15 +137,53 @@ class SessionBook:
         self.calls: deque[Call] = deque()
 
     def settle(self) -> None:
-        """Apply the activity calls waiting in :attr:`calls` (under the agent's lock)."""
-        calls = self.calls
-        popleft = calls.popleft
-        # Only the lock's holder pops. What is queued by now, not what game threads
-        # append meanwhile: those that find the queue long wait on the lock for
-        # this batch (they hold the queue back), then settle their own.
-        for _ in range(len(calls)):
+        """Apply the activity calls waiting in :attr:`calls` (under the agent's lock).
+
+        What is queued by now, not what game threads append meanwhile: those that
+        find the queue long wait on the lock for this batch, then settle their own.
+        """
+        count = len(self.calls)
+        if not count:
+            return
+        session = self.live
+        # The clock read after the count: every call counted read it before.
+        if (
+            session is None
+            or not self.foreground
+            or self._mono() - session.last_activity_mono_ns > self._idle_ns
+        ):
+            self._settle_one_by_one(count)
+            return
+        # In play, in front, and no call past the inactivity timeout: none of them
+        # ends or resumes a session (the window moves only under the lock), so
+        # each applies to this one, and the activity is counted once for all.
+        popleft = self.calls.popleft
+        last = session.last_activity_mono_ns
+        events = 0
+        for _ in range(count):
             apply, first, second, at = popleft()
-            apply(self, first, second, at)
+            if at is None:  # a timed request: a change the activity count does not show
+                self._dirty = True
+            else:
+                events += 1
+                if at > last:
+                    last = at
+            apply(self, session, first, second)
+        session.total_events += events
+        session.last_activity_mono_ns = last
+
+    def _settle_one_by_one(self, count: int) -> None:
+        """:meth:`settle` when a call may end or resume a session: each at its instant."""
+        popleft = self.calls.popleft
+        for _ in range(count):
+            apply, first, second, at = popleft()
+            if at is None:
+                session = self.live
+                self._dirty = True
+            else:
+                session = self.active(at)
+            if session is not None:
+                apply(self, session, first, second)
 
     # -- beginning and ending --------------------------------------------------
 
@@ -298,63 +337,48 @@ class SessionBook:
             session.last_activity_mono_ns = now
         return session
 
-    # The activity calls, as :meth:`settle` applies them: (first, second, instant).
+    # The activity calls, as :meth:`settle` applies them to the session they count in.
 
-    def on_touch(self, _first: None, _second: None, now: int) -> None:
+    def on_touch(self, session: SessionState, _first: None, _second: None) -> None:
         """``touch()``: activity, nothing else."""
-        self.active(now)
 
-    def on_page(self, route: str, _second: None, now: int) -> None:
+    def on_page(self, session: SessionState, route: str, _second: None) -> None:
         """``page(route)``: unique routes, in first-visit order."""
-        session = self.active(now)
-        if session is not None and route not in session.pages:
+        if route not in session.pages:
             self.add_unique(session.pages, route, MAX_PAGES, "pages_over_cap")
 
-    def on_feature(self, name: str, _second: None, now: int) -> None:
+    def on_feature(self, session: SessionState, name: str, _second: None) -> None:
         """``feature(name)``: unique names, in first-use order."""
-        session = self.active(now)
-        if session is not None and name not in session.features:
+        if name not in session.features:
             self.add_unique(session.features, name, MAX_FEATURES, "features_over_cap")
 
-    def on_action(self, kind: str, count: int, now: int) -> None:
+    def on_action(self, session: SessionState, kind: str, count: int) -> None:
         """``action(kind, count)``: a game action's count."""
-        session = self.active(now)
-        if session is not None:
-            session.actions[kind] = session.actions.get(kind, 0) + count
+        session.actions[kind] = session.actions.get(kind, 0) + count
 
-    def on_progress(self, xp: int, level: int | None, now: int) -> None:
+    def on_progress(self, session: SessionState, xp: int, level: int | None) -> None:
         """``progress(xp, level)``: the first report is the session's baseline."""
-        session = self.active(now)
-        if session is not None:
-            if session.first_xp is None:
-                session.first_xp = xp
-            session.current_xp = xp
-            if level is not None:
-                session.current_level = level
+        if session.first_xp is None:
+            session.first_xp = xp
+        session.current_xp = xp
+        if level is not None:
+            session.current_level = level
 
-    def on_response(self, ms: float, ok: bool, now: int) -> None:
-        """``response(ms, ok)``: a measured API response, and activity."""
-        session = self.active(now)
-        if session is not None:
-            session.count_response(ms, ok)
+    def on_response(self, session: SessionState, ms: float, ok: bool) -> None:
+        """``response(ms, ok)``, and the requests timed by ``report_request()``."""
+        session.response_count += 1
+        session.response_total_ms += ms
+        if not ok:
+            session.error_count += 1
 
-    def on_request(self, ms: float, ok: bool, _now: int) -> None:
-        """``report_request()``: one of the game's requests, timed: not activity."""
-        session = self.live
-        if session is not None:
-            session.count_response(ms if ms < MAX_RESPONSE_MS else MAX_RESPONSE_MS, ok)
-            self._dirty = True
-
-    def on_log(self, uri: str, _second: None, now: int) -> None:
+    def on_log(self, session: SessionState, uri: str, _second: None) -> None:
         """``link_log(uri)``: a linked log record, once."""
-        session = self.active(now)
-        if session is not None and uri not in session.log_uris:
+        if uri not in session.log_uris:
             self.add_unique(session.log_uris, uri, MAX_LINKED_URIS, "log_uris_over_cap")
 
-    def on_progress_link(self, uri: str, _second: None, now: int) -> None:
+    def on_progress_link(self, session: SessionState, uri: str, _second: None) -> None:
         """``link_progress(uri)``: a linked progress record, once."""
-        session = self.active(now)
-        if session is not None and uri not in session.progress_uris:
+        if uri not in session.progress_uris:
             uris = session.progress_uris
             self.add_unique(uris, uri, MAX_LINKED_URIS, "progress_uris_over_cap")
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from anisota_agent.clock import format_datetime
 from anisota_agent.records import SessionContext, SessionState, build_record
-from anisota_agent.sessions import SUSPEND_THRESHOLD_NS, SessionBook
+from anisota_agent.sessions import SUSPEND_THRESHOLD_NS, Apply, SessionBook
 from anisota_agent.settings import Settings
 
 MINUTE = 60.0
@@ -356,7 +358,7 @@ def test_collect_copies_the_live_session_only_when_it_changed(t: Book) -> None:
     assert t.book.collect().live is None  # nothing new
     t.book.active(t.clock.mono)
     assert t.book.collect().live is not None
-    t.book.on_request(120.0, False, t.clock.mono)  # not activity, but a change
+    t.book.calls.append((SessionBook.on_response, 120.0, False, None))  # not activity: a change
     assert t.book.collect().live is not None
     t.book.network_changed("offline", t.clock.mono)
     changed = t.book.collect().live
@@ -397,7 +399,7 @@ def test_a_capped_list_stops_growing_and_counts_the_overflow(t: Book) -> None:
 def test_a_timed_request_is_not_activity(t: Book) -> None:
     session = t.begin()
     t.clock.advance(9 * MINUTE)
-    t.book.on_request(50.0, True, t.clock.mono)
+    t.book.calls.append((SessionBook.on_response, 50.0, True, None))
     t.clock.advance(2 * MINUTE)
     t.book.end_if_idle()
     assert session.end_reason == "inactivity" and session.response_count == 1
@@ -435,3 +437,120 @@ def test_the_record_of_an_inactivity_end_is_dated_at_the_last_activity(t: Book) 
     record = build_record(session, t.clock.mono)
     assert record["duration"] == 59_000
     assert record["endedAt"] == format_datetime(START_WALL_NS // 1_000_000 + 59_000)
+
+
+# -- settling the queue of activity calls ------------------------------------------
+
+QUEUED: dict[str, tuple[Apply, Any, Any]] = {
+    "touch": (SessionBook.on_touch, None, None),
+    "page": (SessionBook.on_page, "/garden", None),
+    "feature": (SessionBook.on_feature, "lens", None),
+    "action": (SessionBook.on_action, "postsViewed", 2),
+    "progress": (SessionBook.on_progress, 1200, 4),
+    "response": (SessionBook.on_response, 42.5, False),
+    "log": (SessionBook.on_log, "at://did:plc:abc/net.anisota.beta.game.log/3lbyzq2a3v22c", None),
+}
+
+
+def queue(t: Book, kind: str, late_ns: int = 0) -> None:
+    """Queue a call as a game thread does: its instant read ``late_ns`` before it lands."""
+    apply, first, second = QUEUED[kind]
+    t.book.calls.append((apply, first, second, t.clock.mono - late_ns))
+
+
+def queue_request(t: Book) -> None:
+    t.book.calls.append((SessionBook.on_response, 80.0, True, None))
+
+
+def sessions_seen(t: Book) -> tuple[list[tuple[Any, ...]], dict[str, int]]:
+    """Every session the book has recorded, as the record shows it (parents by
+    position), and the calls it dropped."""
+    sessions = t.book.collect().finished
+    if t.book.live is not None:
+        sessions = [*sessions, t.book.live]
+    rkeys = [session.rkey for session in sessions]
+    return [
+        (
+            build_record(session, t.clock.mono) | {"parentSessionUri": None},
+            None if session.parent_rkey is None else rkeys.index(session.parent_rkey),
+            session.last_activity_mono_ns,
+        )
+        for session in sessions
+    ], t.book.dropped()
+
+
+def test_a_batch_within_the_timeout_is_applied_at_once_to_the_live_session(
+    t: Book, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    session = t.begin()
+    t.clock.advance(9 * MINUTE)
+    queue(t, "page")
+    queue(t, "action", late_ns=2_000_000)  # read the clock before the first, landed after
+    queue_request(t)
+    queue(t, "response")
+    monkeypatch.setattr(t.book, "_settle_one_by_one", None)  # would fail if called
+    assert t.book.collect().live is not None
+    assert session.total_events == 3  # the timed request is not activity
+    assert session.last_activity_mono_ns == t.clock.mono
+    assert (session.response_count, session.error_count) == (2, 1)
+    assert list(session.pages) == ["/garden"] and session.actions == {"postsViewed": 2}
+
+
+def test_a_timed_request_alone_in_a_batch_is_a_change_to_collect(t: Book) -> None:
+    session = t.begin()
+    t.book.collect()
+    queue_request(t)
+    assert t.book.collect().live is not None
+    assert session.total_events == 0 and session.response_count == 1
+
+
+def test_a_batch_past_the_timeout_ends_and_resumes_each_call_at_its_instant(t: Book) -> None:
+    first = t.begin()
+    t.clock.advance(11 * MINUTE)
+    queue(t, "page")  # the player came back: a continuation, dated by the call
+    t.clock.advance(30)
+    settled = t.finished()
+    assert settled == [first] and first.end_reason == "inactivity"
+    second = t.book.live
+    assert second is not None and second.parent_rkey == first.rkey
+    assert second.started_mono_ns == t.clock.mono - 30_000_000_000
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.sampled_from([*QUEUED, "request"]), st.integers(0, 3_000_000)),
+            st.sampled_from(["settle", "behind", "in front", "end"]),
+            st.floats(0, 13 * MINUTE),  # time passing
+        ),
+        max_size=60,
+    )
+)
+def test_settling_a_batch_at_once_records_what_one_call_at_a_time_does(
+    steps: list[Any],
+) -> None:
+    """The batch fast path against the rule it shortcuts: each call at its instant."""
+    batched, reference = Book(), Book()
+    for book in (batched, reference):
+        book.begin()
+    for step in steps:
+        for book in (batched, reference):
+            if book is reference:  # nothing waits for settle() to find
+                book.book._settle_one_by_one(len(book.book.calls))
+            if isinstance(step, float):
+                book.clock.advance(step)
+            elif isinstance(step, tuple):
+                kind, late_ns = step
+                if kind == "request":
+                    queue_request(book)
+                else:
+                    queue(book, kind, late_ns)
+            elif step == "settle":
+                book.book.settle()
+            elif step == "end":
+                book.book.end("ended", "user_initiated")
+            else:
+                book.book.set_foreground(step == "in front")
+    reference.book._settle_one_by_one(len(reference.book.calls))
+    assert sessions_seen(batched) == sessions_seen(reference)
