@@ -21,10 +21,13 @@ import pytest
 from agent_helpers import Bearer
 from faultproxy import FaultProxy
 from freezegun import freeze_time
+from hypothesis import given
+from hypothesis import strategies as st
 from pds_harness import SESSION_COLLECTION, Account, PdsServer
 
 from anisota_agent.checks import check_pds_url
 from anisota_agent.clock import TidGenerator
+from anisota_agent.records import to_json
 from anisota_agent.xrpc import (
     DEFAULT_RETRY_AFTER,
     MAX_APPLY_WRITES,
@@ -43,6 +46,7 @@ from anisota_agent.xrpc import (
     XrpcClient,
     XrpcError,
     create_write,
+    encode_json,
     parse_rate_limit,
 )
 
@@ -654,3 +658,23 @@ def test_each_exchange_of_an_auth_flow_is_reported(
         else:
             assert xrpc.get_session() == {"did": "did:plc:x"}
     assert seen == outcomes
+
+
+JSON_SCALARS = st.none() | st.booleans() | st.integers() | st.text()
+JSON_VALUES = st.recursive(
+    JSON_SCALARS | st.floats(allow_nan=False, allow_infinity=False),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(st.dictionaries(st.text(), JSON_VALUES | st.lists(JSON_VALUES, max_size=6), max_size=5))
+def test_a_body_encoded_an_item_at_a_time_is_the_one_json_text(body: dict[str, Any]) -> None:
+    assert encode_json(body) == to_json(body).encode()
+
+
+def test_a_value_json_cannot_carry_deep_in_a_batch_is_refused_before_sending() -> None:
+    writes = [create_write(SESSION_COLLECTION, "k", record()) for _ in range(3)]
+    writes[2]["value"]["x"] = float("inf")
+    with pytest.raises(InvalidRequest, match="cannot encode"):
+        encode_json({"repo": "did:plc:x", "writes": writes}, "com.atproto.repo.applyWrites")
