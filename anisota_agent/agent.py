@@ -1,8 +1,9 @@
 """The agent facade: what a game calls.
 
-Every host-facing call validates its arguments, updates the in-memory session
-under one lock and returns: no I/O, no heavy import, no thread wake-up on the
-hot path. Two background threads pick the changes up: the
+Every host-facing call validates its arguments and returns: an activity call
+queues itself for the in-memory session without a lock, the others change it
+under one lock; no I/O, no heavy import, no thread wake-up on the hot path.
+Two background threads pick the changes up: the
 :class:`~anisota_agent.recorder.Recorder` writes them to SQLite at once, the
 :class:`~anisota_agent.uplink.UplinkWorker` logs in and syncs to the PDS.
 """
