@@ -108,6 +108,34 @@ BAD_CALLS: list[tuple[Callable[[Agent], Any], type[Exception], tuple[str, ...]]]
 ]
 
 
+def test_good_values_the_inline_tests_leave_to_the_checkers_are_recorded(tmp_path: Path) -> None:
+    """An int time, non-ASCII text and a request over an hour pass the checkers
+    (the calls' inline tests pass only floats, ASCII and times within an hour)."""
+    agent = Agent("1.0", data_dir=tmp_path).start()
+    rkey = agent.start_session()
+    assert rkey is not None
+    agent.page("/jardín")
+    agent.feature("lupa-ñ")
+    agent.action("levelUps", 2)
+    agent.progress(10)
+    agent.progress(25, level=None)
+    agent.response(40, True)
+    agent.report_request(7_200_000, "ok")  # kept as an hour
+    agent.report_request(20, "server_error")
+    agent.end_session("logout")
+    agent.close()
+    record = stored_record(tmp_path, rkey)
+    summary, metadata = record["activitySummary"], record["metadata"]
+    assert summary["pagesVisited"] == ["/jardín"] and metadata["features"] == ["lupa-ñ"]
+    assert summary["gameActions"]["levelUps"] == 2 and summary["totalEvents"] == 6
+    assert (summary["currentXP"], summary["xpGainedThisSession"]) == (25, 15)
+    assert metadata["performanceMetrics"] == {
+        "errorCount": 1,
+        "averageResponseTime": round((40 + 3_600_000 + 20) / 3),
+    }
+    assert agent.status().dropped == {}
+
+
 @pytest.mark.parametrize(("call", "error", "words"), BAD_CALLS)
 def test_bad_input_is_refused_and_the_session_is_intact(
     tmp_path: Path, call: Callable[[Agent], Any], error: type[Exception], words: tuple[str, ...]
